@@ -9,6 +9,7 @@
 
 #include "flowsteer/philox.h"
 #include "flowsteer/sde_args.h"
+#include "flowsteer/sde_math.h"
 
 namespace py = pybind11;
 

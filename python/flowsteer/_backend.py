@@ -1,0 +1,145 @@
+"""Backend selection: which implementation runs an op for tensors on a given device.
+
+`auto` picks the compiled CUDA kernels for CUDA tensors (Triton when `_C` was built without
+CUDA), the compiled C++ kernels for CPU tensors, and the pure-torch reference when nothing else
+fits. A backend asked for by name that is missing raises an error that names the fix.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+_state = {"backend": None}
+_cache: dict = {}
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} (got {name!r})")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for every flowsteer op: "auto", "cuda", "triton", "cpu" or "torch"."""
+    _state["backend"] = _check_name(name, "backend")
+
+
+def get_backend() -> str:
+    """The backend asked for: set_backend's, else $FLOWSTEER_BACKEND, else "auto"."""
+    if _state["backend"] is not None:
+        return _state["backend"]
+    return _check_name(os.environ.get("FLOWSTEER_BACKEND", "auto"), "FLOWSTEER_BACKEND")
+
+
+def extension() -> Optional[ModuleType]:
+    """flowsteer._C, or None when the package was installed without its compiled core."""
+    if "_C" not in _cache:
+        try:
+            _cache["_C"] = importlib.import_module("flowsteer._C")
+            _cache["_C_error"] = None
+        except ImportError as exc:  # a source checkout without a build, or a broken build
+            _cache["_C"] = None
+            _cache["_C_error"] = str(exc)
+    return _cache["_C"]
+
+
+def triton_module(name: str) -> Optional[ModuleType]:
+    """flowsteer._triton.<name>, or None when Triton (or the kernel module) is not importable."""
+    key = "triton." + name
+    if key not in _cache:
+        try:
+            _cache[key] = importlib.import_module("flowsteer._triton." + name)
+        except Exception as exc:  # ImportError without triton; RuntimeError without a driver
+            _cache[key] = None
+            _cache[key + ".error"] = f"{type(exc).__name__}: {exc}"
+    return _cache[key]
+
+
+def _triton_usable_on(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that runs an op on tensors of `device`: "cuda", "triton", "cpu" or "torch"."""
+    name = get_backend()
+    C = extension()
+    if name == "auto":
+        if device.type == "cuda":
+            if C is not None and C.has_cuda:
+                return "cuda"
+            return "triton" if triton_module("sde_step") is not None else "torch"
+        if device.type == "cpu" and C is not None:
+            return "cpu"
+        return "torch"
+    if name == "cpu":
+        if C is None:
+            raise RuntimeError(
+                "backend 'cpu' needs the compiled extension flowsteer._C, which did not import "
+                f"({_cache.get('_C_error')}); reinstall with `pip install .`, or use set_backend('torch')"
+            )
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' runs CPU tensors (got tensors on {device}); use set_backend('auto')")
+        return "cpu"
+    if name == "cuda":
+        if C is None or not C.has_cuda:
+            raise RuntimeError(
+                "backend 'cuda' needs flowsteer._C built with CUDA kernels; reinstall with nvcc on PATH "
+                "(`pip install .`), or use set_backend('triton')"
+            )
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' runs CUDA tensors (got tensors on {device})")
+        return "cuda"
+    if name == "triton":
+        if triton_module("sde_step") is None:
+            raise RuntimeError(
+                "backend 'triton' needs Triton: `pip install triton` "
+                f"({_cache.get('triton.sde_step.error')})"
+            )
+        if not _triton_usable_on(device):
+            raise ValueError(
+                f"backend 'triton' runs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before import (got {device})"
+            )
+        return "triton"
+    return "torch"
+
+
+def backend_info() -> dict:
+    """What was found: the extension and its kernels, Triton, the GPU, and what `auto` picks."""
+    C = extension()
+    triton_version = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        pass
+    info = {
+        "backend": get_backend(),
+        "extension": C is not None,
+        "extension_error": _cache.get("_C_error"),
+        "cpu_kernels": C is not None,
+        "cuda_kernels": bool(C is not None and C.has_cuda),
+        "cuda_archs": (C.cuda_archs if C is not None else ""),
+        "triton": triton_version,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        info["cpu_pick"] = resolve(torch.device("cpu"))
+    except (RuntimeError, ValueError) as exc:
+        info["cpu_pick"] = f"unavailable: {exc}"
+    if torch.cuda.is_available():
+        try:
+            info["cuda_pick"] = resolve(torch.device("cuda"))
+        except (RuntimeError, ValueError) as exc:
+            info["cuda_pick"] = f"unavailable: {exc}"
+    return info

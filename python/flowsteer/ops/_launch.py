@@ -1,0 +1,274 @@
+"""Launchers: allocate outputs and run one backend's kernel. No checks of user input (the public
+functions in flowsteer.ops did those) and no autograd (the registered ops in sde.py add it).
+
+Every big tensor arrives contiguous as [B, ...] of one dtype (fp32, bf16 or fp16); per-sample
+tensors arrive as fp32 [B]. The codes below are the binding contract with csrc/include/flowsteer.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from . import reference
+
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KIND_CODE = {"ode": 0, "flow": 1, "dance": 2, "cps": 3}
+KIND_NAME = {code: name for name, code in KIND_CODE.items()}
+LP_FORM = {"exact": 0, "flow_grpo": 1}
+KL_FORM = {None: 0, "flow_grpo": 1, "exact": 2}
+STD_MODE = {"group": 0, "global": 1, "none": 2}
+
+Tensor = torch.Tensor
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.reshape(t.shape[0], -1)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def sde_forward(
+    backend: str,
+    v: Tensor,
+    x: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    noise: Optional[Tensor],
+    prev_sample: Optional[Tensor],
+    guidance: Optional[Tensor],
+    guidance_coef: Optional[Tensor],
+    ref_v: Optional[Tensor],
+    kind: int,
+    noise_level: float,
+    sigma_max: float,
+    seed: int,
+    offset: int,
+    lp_form: int,
+    kl_form: int,
+    reduce_mean: bool,
+    lp_guided: bool,
+    want_log_prob: bool,
+    want_mean: bool,
+):
+    """Returns (sample, mean, log_prob, std, kl); absent outputs are empty tensors."""
+    B = x.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    sample = torch.empty_like(x) if prev_sample is None else x.new_empty(0)
+    mean = torch.empty_like(x) if want_mean else x.new_empty(0)
+    log_prob = torch.empty(B, **f32) if want_log_prob else torch.empty(0, **f32)
+    std = torch.empty(B, **f32)
+    kl = torch.empty(B, **f32) if ref_v is not None else torch.empty(0, **f32)
+    if backend == "torch":
+        _torch_forward(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, kind, noise_level,
+                       sigma_max, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, sample, mean, log_prob, std, kl)
+        return sample, mean, log_prob, std, kl
+    if x.numel() == 0:
+        raise ValueError("sde_step needs at least one element per sample (got x of shape %s)" % (tuple(x.shape),))
+    common = dict(kind=kind, lp_form=lp_form, kl_form=kl_form, reduce_mean=reduce_mean, lp_guided=lp_guided,
+                  noise_level=float(noise_level), sigma_max=float(sigma_max))
+    if backend == "triton":
+        _backend.triton_module("sde_step").sde_forward(
+            v=_flat(v), x=_flat(x), noise=_flat(noise), prev_sample=_flat(prev_sample), guidance=_flat(guidance),
+            ref_v=_flat(ref_v), sigma=sigma, sigma_next=sigma_next, guidance_coef=guidance_coef,
+            out_sample=_flat(sample) if prev_sample is None else None, out_mean=_flat(mean) if want_mean else None,
+            out_log_prob=log_prob if want_log_prob else None, out_std=std, out_kl=kl if ref_v is not None else None,
+            seed=seed, offset=offset, **common)
+        return sample, mean, log_prob, std, kl
+    C = _backend.extension()
+    numel = x[0].numel()
+    args = dict(
+        v=_ptr(v), x=_ptr(x), noise=_ptr(noise), prev_sample=_ptr(prev_sample), guidance=_ptr(guidance),
+        ref_v=_ptr(ref_v), sigma=_ptr(sigma), sigma_next=_ptr(sigma_next), guidance_coef=_ptr(guidance_coef),
+        out_sample=_ptr(sample) if prev_sample is None else 0, out_mean=_ptr(mean) if want_mean else 0,
+        out_log_prob=_ptr(log_prob) if want_log_prob else 0, out_std=_ptr(std),
+        out_kl=_ptr(kl) if ref_v is not None else 0, batch=B, numel=numel, dtype=DTYPE_CODE[x.dtype],
+        seed=seed, offset=offset, **common)
+    if backend == "cpu":
+        C.sde_forward_cpu(**args)
+    else:
+        chunks = (numel + C.cuda_chunk - 1) // C.cuda_chunk
+        workspace = torch.empty(B * chunks * 2, **f32)
+        C.sde_forward_cuda(workspace=workspace.data_ptr(), stream=_stream(x.device), **args)
+    return sample, mean, log_prob, std, kl
+
+
+def _torch_forward(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, kind, noise_level,
+                   sigma_max, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, sample, mean, log_prob, std, kl):
+    """The reference in fp32 (and the flowsteer noise stream), written into the given outputs."""
+    f = torch.float32
+    if prev_sample is None and noise is None and KIND_NAME[kind] != "ode":
+        noise = reference.philox_normal(x.numel(), seed, offset, dtype=f).to(x.device).reshape(x.shape)
+    shift = None
+    if guidance is not None:
+        shift = guidance.to(f) * guidance_coef.reshape(-1, *([1] * (x.ndim - 1)))
+    out = reference.sde_step(
+        v.to(f), x.to(f), sigma, sigma_next, KIND_NAME[kind], noise_level,
+        noise=None if noise is None else noise.to(f), prev_sample=None if prev_sample is None else prev_sample.to(f),
+        sigma_max=sigma_max, guidance=shift, guidance_scale=1.0, guidance_norm="none",
+        logprob_mean="guided" if lp_guided else "unguided", reduce="mean" if reduce_mean else "sum",
+        cps_logprob="flow_grpo" if lp_form == 1 else "exact", ref_v=None if ref_v is None else ref_v.to(f),
+        kl="exact" if kl_form == 2 else "flow_grpo", sample_dtype=x.dtype)
+    if prev_sample is None:
+        sample.copy_(out["prev_sample"])
+    if mean.numel():
+        mean.copy_(out["mean"])
+    if log_prob.numel():
+        log_prob.copy_(out["log_prob"])
+    std.copy_(out["std"])
+    if kl.numel():
+        kl.copy_(out["kl"])
+
+
+def sde_backward(
+    backend: str,
+    v: Tensor,
+    x: Tensor,
+    sample: Optional[Tensor],
+    sigma: Tensor,
+    sigma_next: Tensor,
+    guidance: Optional[Tensor],
+    guidance_coef: Optional[Tensor],
+    ref_v: Optional[Tensor],
+    grad_log_prob: Optional[Tensor],
+    grad_kl: Optional[Tensor],
+    grad_mean: Optional[Tensor],
+    grad_sample: Optional[Tensor],
+    kind: int,
+    noise_level: float,
+    sigma_max: float,
+    lp_form: int,
+    kl_form: int,
+    reduce_mean: bool,
+    lp_guided: bool,
+    want_grad_v: bool,
+    want_grad_x: bool,
+    want_grad_ref_v: bool,
+):
+    """Returns (grad_v, grad_x, grad_ref_v); one not wanted is an empty tensor."""
+    grad_v = torch.empty_like(v) if want_grad_v else v.new_empty(0)
+    grad_x = torch.empty_like(x) if want_grad_x else x.new_empty(0)
+    grad_ref_v = torch.empty_like(v) if want_grad_ref_v else v.new_empty(0)
+    if backend == "torch":
+        _torch_backward(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl,
+                        grad_mean, grad_sample, kind, noise_level, sigma_max, lp_form, kl_form, reduce_mean, lp_guided,
+                        grad_v, grad_x, grad_ref_v)
+        return grad_v, grad_x, grad_ref_v
+    common = dict(kind=kind, lp_form=lp_form, kl_form=kl_form, reduce_mean=reduce_mean, lp_guided=lp_guided,
+                  noise_level=float(noise_level), sigma_max=float(sigma_max))
+    if backend == "triton":
+        _backend.triton_module("sde_step").sde_backward(
+            v=_flat(v), x=_flat(x), sample=_flat(sample), guidance=_flat(guidance), ref_v=_flat(ref_v),
+            sigma=sigma, sigma_next=sigma_next, guidance_coef=guidance_coef, grad_log_prob=grad_log_prob,
+            grad_kl=grad_kl, grad_mean=_flat(grad_mean), grad_sample=_flat(grad_sample),
+            grad_v=_flat(grad_v) if want_grad_v else None, grad_x=_flat(grad_x) if want_grad_x else None,
+            grad_ref_v=_flat(grad_ref_v) if want_grad_ref_v else None, **common)
+        return grad_v, grad_x, grad_ref_v
+    C = _backend.extension()
+    args = dict(
+        v=_ptr(v), x=_ptr(x), sample=_ptr(sample), guidance=_ptr(guidance), ref_v=_ptr(ref_v), sigma=_ptr(sigma),
+        sigma_next=_ptr(sigma_next), guidance_coef=_ptr(guidance_coef), grad_log_prob=_ptr(grad_log_prob),
+        grad_kl=_ptr(grad_kl), grad_mean=_ptr(grad_mean), grad_sample=_ptr(grad_sample),
+        grad_v=_ptr(grad_v) if want_grad_v else 0, grad_x=_ptr(grad_x) if want_grad_x else 0,
+        grad_ref_v=_ptr(grad_ref_v) if want_grad_ref_v else 0, batch=x.shape[0], numel=x[0].numel(),
+        dtype=DTYPE_CODE[x.dtype], **common)
+    if backend == "cpu":
+        C.sde_backward_cpu(**args)
+    else:
+        C.sde_backward_cuda(stream=_stream(x.device), **args)
+    return grad_v, grad_x, grad_ref_v
+
+
+def _torch_backward(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl, grad_mean,
+                    grad_sample, kind, noise_level, sigma_max, lp_form, kl_form, reduce_mean, lp_guided,
+                    grad_v, grad_x, grad_ref_v):
+    """Autograd through the fp32 reference, with the sample held fixed (as in the kernels)."""
+    f = torch.float32
+    with torch.enable_grad():
+        vf = v.detach().to(f).requires_grad_()
+        xf = x.detach().to(f).requires_grad_()
+        rf = None if ref_v is None else ref_v.detach().to(f).requires_grad_()
+        shift = None
+        if guidance is not None:
+            shift = guidance.to(f) * guidance_coef.reshape(-1, *([1] * (x.ndim - 1)))
+        out = reference.sde_step(
+            vf, xf, sigma, sigma_next, KIND_NAME[kind], noise_level,
+            prev_sample=None if sample is None else sample.to(f), noise=torch.zeros_like(xf) if sample is None else None,
+            sigma_max=sigma_max, guidance=shift, guidance_scale=1.0, logprob_mean="guided" if lp_guided else "unguided",
+            reduce="mean" if reduce_mean else "sum", cps_logprob="flow_grpo" if lp_form == 1 else "exact", ref_v=rf,
+            kl="exact" if kl_form == 2 else "flow_grpo")
+        # d sample / d mean = 1, so grad_sample joins grad_mean (the drawn sample is mean_g + std * eps).
+        outputs, grads = [], []
+        g_mean = None
+        for g in (grad_mean, grad_sample):
+            if g is not None:
+                g_mean = g.to(f) if g_mean is None else g_mean + g.to(f)
+        if g_mean is not None:
+            outputs.append(out["mean"])
+            grads.append(g_mean)
+        if grad_log_prob is not None and out["log_prob"] is not None:
+            outputs.append(out["log_prob"])
+            grads.append(grad_log_prob)
+        if grad_kl is not None:
+            outputs.append(out["kl"])
+            grads.append(grad_kl)
+        inputs = [vf, xf] + ([rf] if rf is not None else [])
+        got = torch.autograd.grad(outputs, inputs, grads, allow_unused=True) if outputs else [None] * len(inputs)
+    for dst, src in zip((grad_v, grad_x, grad_ref_v), got):
+        if dst.numel():
+            dst.copy_(torch.zeros_like(dst) if src is None else src)
+
+
+def philox_normal(backend: str, n: int, seed: int, offset: int, device: torch.device) -> Tensor:
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+    if backend == "torch":
+        out.copy_(reference.philox_normal(n, seed, offset, dtype=torch.float32))
+    elif backend == "triton":
+        _backend.triton_module("sde_step").philox_normal(out, seed, offset)
+    elif backend == "cpu":
+        _backend.extension().philox_normal_cpu(out.data_ptr(), n, seed, offset)
+    else:
+        _backend.extension().philox_normal_cuda(out.data_ptr(), n, seed, offset, _stream(device))
+    return out
+
+
+def group_zscore(backend: str, rewards: Tensor, group_ids: Tensor, weights: Tensor, global_std: Tensor,
+                 std_mode: int, eps: float, clip: float) -> Tensor:
+    """sum_k w_k z_g(r_k), clipped (clip <= 0: no clip). rewards fp32 [N, K], group_ids int64 [N]."""
+    n, k = rewards.shape
+    out = torch.empty(n, dtype=torch.float32, device=rewards.device)
+    if backend == "torch":
+        std_name = {v: name for name, v in STD_MODE.items()}[std_mode]
+        acc = torch.zeros(n, dtype=torch.float32, device=rewards.device)
+        for j in range(k):
+            acc += weights[j] * reference.group_zscore(rewards[:, j], group_ids, std_name, eps, global_std[j])
+        out.copy_(acc.clamp(-clip, clip) if clip > 0 else acc)
+        return out
+    if backend == "cpu":
+        _backend.extension().group_advantages_cpu(
+            rewards=rewards.data_ptr(), group_ids=group_ids.data_ptr(), weights=weights.data_ptr(),
+            global_std=global_std.data_ptr(), out=out.data_ptr(), n=n, k=k, std_mode=std_mode, eps=eps, clip=clip)
+        return out
+    # GPU: the segments come from torch (a sort); the kernel then normalises every group in one launch.
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    if backend == "triton":
+        _backend.triton_module("group_advantages").group_advantages(
+            rewards=rewards, order=order, offsets=offsets, weights=weights, global_std=global_std, out=out,
+            std_mode=std_mode, eps=eps, clip=clip)
+    else:
+        _backend.extension().group_advantages_cuda(
+            rewards=rewards.data_ptr(), order=order.data_ptr(), offsets=offsets.data_ptr(),
+            num_groups=counts.numel(), weights=weights.data_ptr(), global_std=global_std.data_ptr(),
+            out=out.data_ptr(), n=n, k=k, std_mode=std_mode, eps=eps, clip=clip, stream=_stream(rewards.device))
+    return out

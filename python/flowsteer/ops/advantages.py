@@ -1,0 +1,145 @@
+"""Group-relative advantages (GRPO), multi-reward aggregation, Pref-GRPO win rates and Pareto masks."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _backend
+from . import _launch, reference
+from ._checks import check_choice, check_tensor
+from ._launch import STD_MODE
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("flowsteer::group_zscore", mutates_args=())
+def _group_zscore_op(rewards: Tensor, group_ids: Tensor, weights: Tensor, global_std: Tensor, std_mode: int,
+                     eps: float, clip: float) -> Tensor:
+    return _launch.group_zscore(_backend.resolve(rewards.device), rewards, group_ids, weights, global_std, std_mode,
+                                eps, clip)
+
+
+@_group_zscore_op.register_fake
+def _(rewards, group_ids, weights, global_std, std_mode, eps, clip):
+    return rewards.new_empty(rewards.shape[0], dtype=torch.float32)
+
+
+def _check_rewards(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    check_tensor("rewards", rewards, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), contiguous=False)
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards must be [N] or [N, K] (got shape {tuple(rewards.shape)})")
+    if rewards.shape[0] == 0:
+        raise ValueError("rewards must hold at least one sample (got N = 0)")
+    if not isinstance(group_ids, Tensor) or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
+        raise TypeError(f"group_ids must be an integer tensor (got {getattr(group_ids, 'dtype', type(group_ids).__name__)})")
+    if group_ids.shape != (rewards.shape[0],):
+        raise ValueError(f"group_ids must be [N] = [{rewards.shape[0]}] to match rewards (got shape {tuple(group_ids.shape)})")
+    if group_ids.device != rewards.device:
+        raise ValueError(f"group_ids must be on the device of rewards ({rewards.device}; got {group_ids.device})")
+    finite = torch.isfinite(rewards)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"rewards must be finite (got {rewards[tuple(bad)].item()} at index {tuple(bad)})")
+    return rewards.float().reshape(rewards.shape[0], -1)
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_ids: Tensor,
+    *,
+    std: str = "group",
+    eps: float = 1e-4,
+    clip: Optional[float] = 5.0,
+    mode: str = "sum",
+    weights: Optional[Sequence[float]] = None,
+    batch_norm: bool = False,
+) -> Tensor:
+    """Group-relative advantages A [N] fp32, in one segmented pass over the groups.
+
+    Args:
+        rewards: [N] or [N, K] (K reward models); must be finite.
+        group_ids: [N] integers; samples with equal ids (usually one prompt) form a group.
+        std: "group" (per-group std, ddof 0), "global" (std over all N) or "none".
+        eps: added to the std. clip: |A| <= clip (None: no clip).
+        mode: for K > 1, "sum" (normalise sum_k w_k r_k), "per_reward" (sum_k w_k z_g(r_k), GDPO-style)
+            or "log_tamed" (PaCo-RL: log(1 + r_k) for rewards whose batch std / mean is above the
+            mean over k, then "sum").
+        weights: [K] reward weights (default all 1). batch_norm: with "per_reward", z-score A over the batch.
+
+    A group whose rewards are all equal gets A = 0 exactly.
+    """
+    check_choice("std", std, STD_MODE)
+    check_choice("mode", mode, ("sum", "per_reward", "log_tamed"))
+    if batch_norm and mode != "per_reward":
+        raise ValueError(f"batch_norm applies to mode='per_reward' (got mode={mode!r})")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a float >= 0 (got {eps!r})")
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise ValueError(f"clip must be a float > 0 or None (got {clip!r})")
+    r = _check_rewards(rewards, group_ids)
+    k = r.shape[1]
+    if weights is None:
+        w = torch.ones(k, dtype=torch.float32, device=r.device)
+    else:
+        w = torch.as_tensor(weights, dtype=torch.float32).to(r.device)
+        if w.shape != (k,):
+            raise ValueError(f"weights must have one entry per reward column, [K] = [{k}] (got shape {tuple(w.shape)})")
+    if mode == "log_tamed":
+        if bool((r <= -1).any()):
+            raise ValueError("mode='log_tamed' takes log(1 + r): rewards must be > -1")
+        r = reference.log_tame(r)
+    if mode in ("sum", "log_tamed"):
+        r = (r * w).sum(dim=1, keepdim=True)
+        w = torch.ones(1, dtype=torch.float32, device=r.device)
+    global_std = r.std(dim=0, unbiased=False)
+    post_norm = mode == "per_reward" and batch_norm
+    kernel_clip = float(clip) if (clip is not None and not post_norm) else 0.0
+    adv = _group_zscore_op(r.contiguous(), group_ids.to(torch.int64).contiguous(), w.contiguous(),
+                           global_std.contiguous(), STD_MODE[std], float(eps), kernel_clip)
+    if post_norm:
+        adv = (adv - adv.mean()) / (adv.std(unbiased=False) + eps)
+        if clip is not None:
+            adv = adv.clamp(-clip, clip)
+    return adv
+
+
+def win_rate(prefs: Tensor) -> Tensor:
+    """Pref-GRPO rewards [M, G] (or [G]) from pairwise outcomes prefs [M, G, G] (or [G, G]).
+
+    prefs[m, i, j] is the judge's verdict on sample i against j of group m: 1 win, 0 loss, 0.5 tie;
+    NaN (an unparseable answer) counts as a tie. r_i is the mean over j != i; the diagonal is ignored.
+    """
+    check_tensor("prefs", prefs, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), contiguous=False)
+    if prefs.ndim not in (2, 3) or prefs.shape[-1] != prefs.shape[-2] or prefs.shape[-1] < 2:
+        raise ValueError(f"prefs must be [G, G] or [M, G, G] with G >= 2 (got shape {tuple(prefs.shape)})")
+    p = prefs.float()
+    known = p[~torch.isnan(p)]
+    if known.numel() and bool(((known < 0) | (known > 1)).any()):
+        raise ValueError("prefs must hold outcomes in [0, 1] (1 win, 0 loss, 0.5 tie) or NaN")
+    return reference.win_rate(p)
+
+
+def pareto_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """bool [N]: True where no sample of the same group dominates (>= in every reward, > in one).
+
+    rewards: [N, K]; group_ids: [N]. Vectorised over groups (memory G * S^2 * K for S the largest group).
+    """
+    r = _check_rewards(rewards, group_ids)
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    offsets = torch.cumsum(counts, 0) - counts
+    g_of = inverse[order]
+    rank = torch.arange(r.shape[0], device=r.device) - offsets[g_of]
+    groups, size = counts.numel(), int(counts.max())
+    padded = torch.full((groups, size, r.shape[1]), float("-inf"), device=r.device)
+    padded[g_of, rank] = r[order]
+    valid = torch.zeros(groups, size, dtype=torch.bool, device=r.device)
+    valid[g_of, rank] = True
+    # dominates[g, i, j]: sample j dominates sample i.
+    ge = (padded[:, None, :, :] >= padded[:, :, None, :]).all(dim=-1)
+    gt = (padded[:, None, :, :] > padded[:, :, None, :]).any(dim=-1)
+    dominated = (ge & gt & valid[:, None, :]).any(dim=-1)
+    mask = torch.empty(r.shape[0], dtype=torch.bool, device=r.device)
+    mask[order] = ~dominated[g_of, rank]
+    return mask
