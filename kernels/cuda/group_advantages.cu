@@ -1,0 +1,105 @@
+// CUDA kernel of the group-relative advantages. The segments come ready-made from Python (`order`
+// lists the sample indices group by group, group g at order[offsets[g] .. offsets[g + 1])); one warp
+// normalises one group exactly as csrc/cpu/group_advantages.cpp does. Sums are reduced in a fixed
+// order (strided per lane, then a butterfly), never with atomics, so results repeat bit for bit.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "flowsteer/sde_args.h"
+#include "flowsteer/sde_math.h"
+
+namespace flowsteer {
+namespace cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kThreads = 32 * kWarpsPerBlock;
+// gridDim.x may not exceed 2^31 - 1; a grid-stride loop takes the rest.
+constexpr int64_t kMaxGrid = int64_t(1) << 30;
+
+void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("flowsteer CUDA ") + kernel + ": " + cudaGetErrorString(err));
+}
+
+// Butterfly reductions: every lane ends with the same bits, since each step adds the same two
+// operands on both sides of a pair (a + b == b + a exactly).
+__device__ __forceinline__ double warp_allsum(double v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+__device__ __forceinline__ float warp_allmin(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+
+__device__ __forceinline__ float warp_allmax(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+  return v;
+}
+
+// One warp per group. Each sample of the group is read and written by one lane only (lane
+// j % 32 of member j), so out[i] can accumulate across columns in global memory like the CPU's.
+__global__ void __launch_bounds__(kThreads) group_advantages_kernel(const GroupAdvantageArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
+  const int64_t k_cols = a.k;
+  // g is the same for the 32 lanes of a warp, so every lane reaches every shuffle below.
+  for (int64_t g = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5); g < a.num_groups; g += warps) {
+    const int64_t s0 = a.offsets[g], s1 = a.offsets[g + 1];
+    const double count = double(s1 - s0);
+    for (int64_t j = s0 + lane; j < s1; j += 32) a.out[a.order[j]] = 0.0f;
+    for (int64_t k = 0; k < k_cols; ++k) {
+      double sum = 0.0;
+      float lo = INFINITY, hi = -INFINITY;
+      for (int64_t j = s0 + lane; j < s1; j += 32) {
+        const float r = a.rewards[a.order[j] * k_cols + k];
+        sum += r;
+        lo = fminf(lo, r);
+        hi = fmaxf(hi, r);
+      }
+      sum = warp_allsum(sum);
+      lo = warp_allmin(lo);
+      hi = warp_allmax(hi);
+      const double mean = sum / count;
+      double sq = 0.0;
+      for (int64_t j = s0 + lane; j < s1; j += 32) {
+        const double d = double(a.rewards[a.order[j] * k_cols + k]) - mean;
+        sq += d * d;
+      }
+      sq = warp_allsum(sq);
+      const double std = sqrt(sq / count);
+      const float w = a.weights[k];
+      const float gstd = a.global_std ? a.global_std[k] : 0.0f;
+      for (int64_t j = s0 + lane; j < s1; j += 32) {
+        const int64_t i = a.order[j];
+        a.out[i] += w * zscore_term(a.rewards[i * k_cols + k], mean, std, gstd, a.std_mode, a.eps, lo == hi);
+      }
+    }
+    for (int64_t j = s0 + lane; j < s1; j += 32) {
+      const int64_t i = a.order[j];
+      a.out[i] = clip_advantage(a.out[i], a.clip);
+    }
+  }
+}
+
+}  // namespace
+
+void group_advantages(const GroupAdvantageArgs& a, void* stream) {
+  if (a.n <= 0 || a.num_groups <= 0) return;
+  if (!a.order || !a.offsets) throw std::invalid_argument("group_advantages: 'order' and 'offsets' are required on CUDA");
+  const int64_t grid = std::min((a.num_groups + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxGrid);
+  group_advantages_kernel<<<unsigned(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  check_launch("group_advantages");
+}
+
+}  // namespace cuda
+}  // namespace flowsteer

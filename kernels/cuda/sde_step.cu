@@ -22,9 +22,11 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Elements of one chunk that each thread handles; all of its loads are issued before any math,
-// so a thread keeps this many independent loads per input in flight.
+// Elements of one chunk that each thread handles, kUnroll at a time: a pass issues all of its
+// loads before any math, so a thread keeps kUnroll independent loads per input in flight.
 constexpr int kPerThread = int(kCudaChunk / kThreads);
+constexpr int kUnroll = 4;
+static_assert(kPerThread % kUnroll == 0, "the passes must cover a chunk");
 static_assert(kCudaChunk % kThreads == 0, "a chunk must split evenly over the threads of a block");
 static_assert(kCudaChunk % 4 == 0, "a chunk must start on the same Philox lane as its sample");
 // Philox blocks that overlap one chunk: kCudaChunk / 4, plus one when the sample does not start on
@@ -74,14 +76,14 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float (*scratch)[
 // Grid (chunks, min(batch, 65535)): block (ch, b) handles elements [ch * kCudaChunk, ...) of sample
 // b and writes its raw sums of (x' - mean_lp)^2 and (mean - ref_mean)^2 to the workspace.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sde_forward_kernel(const SdeForwardArgs a, int64_t num_chunks) {
+__global__ void __launch_bounds__(kThreads, 4) sde_forward_kernel(const SdeForwardArgs a, int64_t num_chunks) {
   using S = Storage<T>;
   __shared__ __align__(16) float s_noise[kNoiseGroups * 4];
   __shared__ float s_red[2][kWarps];
 
   const int64_t ch = blockIdx.x;
-  const int64_t n0 = ch * kCudaChunk, n1 = min(a.numel, n0 + kCudaChunk);
-  const int len = int(n1 - n0);
+  const int64_t n0 = ch * kCudaChunk;
+  const int len = int(a.numel - n0 < kCudaChunk ? a.numel - n0 : kCudaChunk);
   const bool sample_mode = a.prev_sample == nullptr;
 
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
@@ -100,22 +102,6 @@ __global__ void __launch_bounds__(kThreads) sde_forward_kernel(const SdeForwardA
     T* out_sample = a.out_sample ? static_cast<T*>(a.out_sample) + start : nullptr;
     T* out_mean = a.out_mean ? static_cast<T*>(a.out_mean) + start : nullptr;
 
-    // Loads first, so that their latency overlaps the Philox arithmetic below.
-    float xr[kPerThread], vr[kPerThread], gr[kPerThread], pr[kPerThread], rr[kPerThread];
-#pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
-      const int t = int(threadIdx.x) + k * kThreads;
-      xr[k] = vr[k] = gr[k] = pr[k] = rr[k] = 0.0f;
-      if (t < len) {
-        xr[k] = S::load(x, t);
-        vr[k] = S::load(v, t);
-        if (guide) gr[k] = S::load(guide, t);
-        if (ref_v) rr[k] = S::load(ref_v, t);
-        if (prev) pr[k] = S::load(prev, t);
-        else if (noise_in) pr[k] = S::load(noise_in, t);
-      }
-    }
-
     // Philox blocks j in [g0, g1] cover global elements [start, start + len); one call serves four
     // elements. s_noise[e - 4 * g0] is the normal of global element e, as in the CPU's tile buffer,
     // so element t of the chunk reads s_noise[lead + t] with lead = start - 4 * g0 in 0..3.
@@ -133,28 +119,47 @@ __global__ void __launch_bounds__(kThreads) sde_forward_kernel(const SdeForwardA
     __syncthreads();
 
     float lp_acc = 0.0f, kl_acc = 0.0f;
+#pragma unroll 1
+    for (int pass = 0; pass < kPerThread; pass += kUnroll) {
+      // All loads of a pass before any store: the outputs may not be assumed distinct from the
+      // inputs, so the compiler would not hoist the next element's loads above this one's stores.
+      float xr[kUnroll], vr[kUnroll], gr[kUnroll], pr[kUnroll], rr[kUnroll];
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
-      const int t = int(threadIdx.x) + k * kThreads;
-      if (t < len) {
-        const float mean = c.cx * xr[k] + c.cv * vr[k];
-        const float mean_g = guide ? mean + cg * gr[k] : mean;
-        float xp;
-        if (sample_mode) {
-          const float eps = philox ? s_noise[lead + t] : pr[k];
-          const float drawn = draw ? mean_g + c.std * eps : mean_g;
-          if (out_sample) S::store(out_sample, t, drawn);
-          xp = S::round(drawn);  // the log-prob is of the sample as stored
-        } else {
-          xp = pr[k];
+      for (int k = 0; k < kUnroll; ++k) {
+        const int t = int(threadIdx.x) + (pass + k) * kThreads;
+        xr[k] = vr[k] = gr[k] = pr[k] = rr[k] = 0.0f;
+        if (t < len) {
+          xr[k] = S::load(x, t);
+          vr[k] = S::load(v, t);
+          if (guide) gr[k] = S::load(guide, t);
+          if (ref_v) rr[k] = S::load(ref_v, t);
+          if (prev) pr[k] = S::load(prev, t);
+          else if (noise_in) pr[k] = S::load(noise_in, t);
+          else if (philox) pr[k] = s_noise[lead + t];
         }
-        const float mean_lp = a.lp_guided ? mean_g : mean;
-        if (out_mean) S::store(out_mean, t, mean_lp);
-        const float d = xp - mean_lp;
-        lp_acc += d * d;
-        if (ref_v) {
-          const float dm = mean - (c.cx * xr[k] + c.cv * rr[k]);
-          kl_acc += dm * dm;
+      }
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        const int t = int(threadIdx.x) + (pass + k) * kThreads;
+        if (t < len) {
+          const float mean = c.cx * xr[k] + c.cv * vr[k];
+          const float mean_g = guide ? mean + cg * gr[k] : mean;
+          float xp;
+          if (sample_mode) {
+            const float drawn = draw ? mean_g + c.std * pr[k] : mean_g;
+            if (out_sample) S::store(out_sample, t, drawn);
+            xp = S::round(drawn);  // the log-prob is of the sample as stored
+          } else {
+            xp = pr[k];
+          }
+          const float mean_lp = a.lp_guided ? mean_g : mean;
+          if (out_mean) S::store(out_mean, t, mean_lp);
+          const float d = xp - mean_lp;
+          lp_acc += d * d;
+          if (ref_v) {
+            const float dm = mean - (c.cx * xr[k] + c.cv * rr[k]);
+            kl_acc += dm * dm;
+          }
         }
       }
     }
@@ -202,8 +207,8 @@ __global__ void __launch_bounds__(32) sde_forward_finalize_kernel(const SdeForwa
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sde_backward_kernel(const SdeBackwardArgs a) {
   using S = Storage<T>;
-  const int64_t n0 = int64_t(blockIdx.x) * kCudaChunk, n1 = min(a.numel, n0 + kCudaChunk);
-  const int len = int(n1 - n0);
+  const int64_t n0 = int64_t(blockIdx.x) * kCudaChunk;
+  const int len = int(a.numel - n0 < kCudaChunk ? a.numel - n0 : kCudaChunk);
 
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     const StepCoef c = step_coef(a.kind, a.sigma[b], a.sigma_next[b], a.noise_level, a.sigma_max);
@@ -225,47 +230,47 @@ __global__ void __launch_bounds__(kThreads) sde_backward_kernel(const SdeBackwar
     T* grad_x = a.grad_x ? static_cast<T*>(a.grad_x) + start : nullptr;
     T* grad_ref_v = a.grad_ref_v ? static_cast<T*>(a.grad_ref_v) + start : nullptr;
 
-    // Loads first: the outputs may not be assumed distinct from the inputs, so without this the
-    // compiler could not hoist the next element's loads above this element's stores.
-    float xr[kPerThread], vr[kPerThread], gmr[kPerThread], gsr[kPerThread], pr[kPerThread], gdr[kPerThread],
-        rr[kPerThread];
+#pragma unroll 1
+    for (int pass = 0; pass < kPerThread; pass += kUnroll) {
+      // All loads of a pass before any store (see sde_forward_kernel).
+      float xr[kUnroll], vr[kUnroll], gmr[kUnroll], gsr[kUnroll], pr[kUnroll], gdr[kUnroll], rr[kUnroll];
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
-      const int t = int(threadIdx.x) + k * kThreads;
-      xr[k] = vr[k] = gmr[k] = gsr[k] = pr[k] = gdr[k] = rr[k] = 0.0f;
-      if (t < len) {
-        xr[k] = S::load(x, t);
-        vr[k] = S::load(v, t);
-        if (g_mean) gmr[k] = S::load(g_mean, t);
-        if (g_sample) gsr[k] = S::load(g_sample, t);
-        if (xp) {
-          pr[k] = S::load(xp, t);
-          if (guide) gdr[k] = S::load(guide, t);
+      for (int k = 0; k < kUnroll; ++k) {
+        const int t = int(threadIdx.x) + (pass + k) * kThreads;
+        xr[k] = vr[k] = gmr[k] = gsr[k] = pr[k] = gdr[k] = rr[k] = 0.0f;
+        if (t < len) {
+          xr[k] = S::load(x, t);
+          vr[k] = S::load(v, t);
+          if (g_mean) gmr[k] = S::load(g_mean, t);
+          if (g_sample) gsr[k] = S::load(g_sample, t);
+          if (xp) {
+            pr[k] = S::load(xp, t);
+            if (guide) gdr[k] = S::load(guide, t);
+          }
+          if (ref_v) rr[k] = S::load(ref_v, t);
         }
-        if (ref_v) rr[k] = S::load(ref_v, t);
       }
-    }
-
 #pragma unroll
-    for (int k = 0; k < kPerThread; ++k) {
-      const int t = int(threadIdx.x) + k * kThreads;
-      if (t < len) {
-        const float xf = xr[k];
-        const float mean = c.cx * xf + c.cv * vr[k];
-        // Gradient with respect to the mean; the guidance shift is a constant.
-        float g = 0.0f;
-        if (g_mean) g += gmr[k];
-        if (g_sample) g += gsr[k];
-        if (xp) {
-          const float mean_lp = guide ? mean + cg * gdr[k] : mean;
-          g += w_lp * (pr[k] - mean_lp);
+      for (int k = 0; k < kUnroll; ++k) {
+        const int t = int(threadIdx.x) + (pass + k) * kThreads;
+        if (t < len) {
+          const float xf = xr[k];
+          const float mean = c.cx * xf + c.cv * vr[k];
+          // Gradient with respect to the mean; the guidance shift is a constant.
+          float g = 0.0f;
+          if (g_mean) g += gmr[k];
+          if (g_sample) g += gsr[k];
+          if (xp) {
+            const float mean_lp = guide ? mean + cg * gdr[k] : mean;
+            g += w_lp * (pr[k] - mean_lp);
+          }
+          // d kl / d mean. The reference mean shares cx * x, so the KL adds nothing to grad_x.
+          float g_kl = 0.0f;
+          if (ref_v) g_kl = w_kl * (mean - (c.cx * xf + c.cv * rr[k]));
+          if (grad_v) S::store(grad_v, t, c.cv * (g + g_kl));
+          if (grad_x) S::store(grad_x, t, c.cx * g);
+          if (grad_ref_v) S::store(grad_ref_v, t, -c.cv * g_kl);
         }
-        // d kl / d mean. The reference mean shares cx * x, so the KL adds nothing to grad_x.
-        float g_kl = 0.0f;
-        if (ref_v) g_kl = w_kl * (mean - (c.cx * xf + c.cv * rr[k]));
-        if (grad_v) S::store(grad_v, t, c.cv * (g + g_kl));
-        if (grad_x) S::store(grad_x, t, c.cx * g);
-        if (grad_ref_v) S::store(grad_ref_v, t, -c.cv * g_kl);
       }
     }
   }
@@ -297,6 +302,7 @@ template <typename T>
 void launch_forward(const SdeForwardArgs& a, cudaStream_t stream) {
   const int64_t num_chunks = chunks_of(a.numel, "sde_forward");
   if (num_chunks > 0) {
+    if (!a.workspace) throw std::invalid_argument("sde_forward: 'workspace' is required on CUDA");
     const dim3 grid(unsigned(num_chunks), unsigned(std::min(a.batch, kMaxGridY)));
     sde_forward_kernel<T><<<grid, kThreads, 0, stream>>>(a, num_chunks);
     check_launch("sde_forward");
@@ -318,7 +324,6 @@ void launch_backward(const SdeBackwardArgs& a, cudaStream_t stream) {
 
 void sde_forward(const SdeForwardArgs& a, void* stream) {
   if (a.batch <= 0) return;
-  if (!a.workspace) throw std::invalid_argument("sde_forward: 'workspace' is required on CUDA");
   switch (a.dtype) {
     case kFloat32: return launch_forward<float>(a, as_stream(stream));
     case kBFloat16: return launch_forward<bf16_t>(a, as_stream(stream));

@@ -23,6 +23,19 @@ STD_MODE = {"group": 0, "global": 1, "none": 2}
 Tensor = torch.Tensor
 
 
+# Tests set this: outputs then start as NaN (or -1 for integers), so an element a kernel never
+# writes fails the comparison with the reference instead of passing on stale memory.
+POISON_OUTPUTS = False
+
+
+def _empty(*shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    shape = tuple(like.shape) if shape == () else shape
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
 def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -61,11 +74,11 @@ def sde_forward(
     """Returns (sample, mean, log_prob, std, kl); absent outputs are empty tensors."""
     B = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
-    sample = torch.empty_like(x) if prev_sample is None else x.new_empty(0)
-    mean = torch.empty_like(x) if want_mean else x.new_empty(0)
-    log_prob = torch.empty(B, **f32) if want_log_prob else torch.empty(0, **f32)
-    std = torch.empty(B, **f32)
-    kl = torch.empty(B, **f32) if ref_v is not None else torch.empty(0, **f32)
+    sample = _empty(like=x) if prev_sample is None else x.new_empty(0)
+    mean = _empty(like=x) if want_mean else x.new_empty(0)
+    log_prob = _empty(B, like=x, dtype=torch.float32) if want_log_prob else torch.empty(0, **f32)
+    std = _empty(B, like=x, dtype=torch.float32)
+    kl = _empty(B, like=x, dtype=torch.float32) if ref_v is not None else torch.empty(0, **f32)
     if backend == "torch":
         _torch_forward(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, kind, noise_level,
                        sigma_max, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, sample, mean, log_prob, std, kl)
@@ -153,9 +166,9 @@ def sde_backward(
     want_grad_ref_v: bool,
 ):
     """Returns (grad_v, grad_x, grad_ref_v); one not wanted is an empty tensor."""
-    grad_v = torch.empty_like(v) if want_grad_v else v.new_empty(0)
-    grad_x = torch.empty_like(x) if want_grad_x else x.new_empty(0)
-    grad_ref_v = torch.empty_like(v) if want_grad_ref_v else v.new_empty(0)
+    grad_v = _empty(like=v) if want_grad_v else v.new_empty(0)
+    grad_x = _empty(like=x) if want_grad_x else x.new_empty(0)
+    grad_ref_v = _empty(like=v) if want_grad_ref_v else v.new_empty(0)
     if backend == "torch":
         _torch_backward(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl,
                         grad_mean, grad_sample, kind, noise_level, sigma_max, lp_form, kl_form, reduce_mean, lp_guided,
@@ -189,45 +202,41 @@ def sde_backward(
 def _torch_backward(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl, grad_mean,
                     grad_sample, kind, noise_level, sigma_max, lp_form, kl_form, reduce_mean, lp_guided,
                     grad_v, grad_x, grad_ref_v):
-    """Autograd through the fp32 reference, with the sample held fixed (as in the kernels)."""
+    """The analytic gradient of the fp32 reference (registered-op implementations run below
+    autograd, so the reference cannot be differentiated here), with the sample held fixed."""
     f = torch.float32
-    with torch.enable_grad():
-        vf = v.detach().to(f).requires_grad_()
-        xf = x.detach().to(f).requires_grad_()
-        rf = None if ref_v is None else ref_v.detach().to(f).requires_grad_()
-        shift = None
-        if guidance is not None:
-            shift = guidance.to(f) * guidance_coef.reshape(-1, *([1] * (x.ndim - 1)))
-        out = reference.sde_step(
-            vf, xf, sigma, sigma_next, KIND_NAME[kind], noise_level,
-            prev_sample=None if sample is None else sample.to(f), noise=torch.zeros_like(xf) if sample is None else None,
-            sigma_max=sigma_max, guidance=shift, guidance_scale=1.0, logprob_mean="guided" if lp_guided else "unguided",
-            reduce="mean" if reduce_mean else "sum", cps_logprob="flow_grpo" if lp_form == 1 else "exact", ref_v=rf,
-            kl="exact" if kl_form == 2 else "flow_grpo")
-        # d sample / d mean = 1, so grad_sample joins grad_mean (the drawn sample is mean_g + std * eps).
-        outputs, grads = [], []
-        g_mean = None
-        for g in (grad_mean, grad_sample):
-            if g is not None:
-                g_mean = g.to(f) if g_mean is None else g_mean + g.to(f)
-        if g_mean is not None:
-            outputs.append(out["mean"])
-            grads.append(g_mean)
-        if grad_log_prob is not None and out["log_prob"] is not None:
-            outputs.append(out["log_prob"])
-            grads.append(grad_log_prob)
-        if grad_kl is not None:
-            outputs.append(out["kl"])
-            grads.append(grad_kl)
-        inputs = [vf, xf] + ([rf] if rf is not None else [])
-        got = torch.autograd.grad(outputs, inputs, grads, allow_unused=True) if outputs else [None] * len(inputs)
-    for dst, src in zip((grad_v, grad_x, grad_ref_v), got):
-        if dst.numel():
-            dst.copy_(torch.zeros_like(dst) if src is None else src)
+    xf, vf = x.to(f), v.to(f)
+    mean_fn, std, g = reference.sde_coefficients(sigma, sigma_next, KIND_NAME[kind], noise_level, sigma_max, xf)
+    # The mean is linear in (x, v): its coefficients are the mean of unit inputs.
+    ones, zeros = torch.ones_like(std), torch.zeros_like(std)
+    cx, cv = mean_fn(ones, zeros), mean_fn(zeros, ones)
+    mean = cx * xf + cv * vf
+    inv_n = 1.0 / x[0].numel() if reduce_mean else 1.0
+    per_sample = lambda t: t.reshape(-1, *([1] * (x.ndim - 1)))  # noqa: E731
+    g_mean = torch.zeros_like(xf)
+    for gm in (grad_mean, grad_sample):
+        if gm is not None:
+            g_mean = g_mean + gm.to(f)
+    if grad_log_prob is not None:
+        mean_lp = mean
+        if lp_guided and guidance is not None:
+            mean_lp = mean + per_sample(guidance_coef) * guidance.to(f)
+        scale = torch.ones_like(std) if lp_form == 1 else 1.0 / (2 * std**2)
+        g_mean = g_mean + per_sample(grad_log_prob) * inv_n * 2 * scale * (sample.to(f) - mean_lp)
+    g_kl = torch.zeros_like(xf)
+    if grad_kl is not None:
+        divisor = 2 * (std**2 if kl_form == 2 else g**2)
+        g_kl = per_sample(grad_kl) * inv_n * 2 / divisor * (mean - (cx * xf + cv * ref_v.to(f)))
+    if grad_v.numel():
+        grad_v.copy_(cv * (g_mean + g_kl))
+    if grad_x.numel():
+        grad_x.copy_(cx * g_mean)
+    if grad_ref_v.numel():
+        grad_ref_v.copy_(-cv * g_kl)
 
 
 def philox_normal(backend: str, n: int, seed: int, offset: int, device: torch.device) -> Tensor:
-    out = torch.empty(n, dtype=torch.float32, device=device)
+    out = _empty(n, like=torch.empty(0, device=device), dtype=torch.float32)
     if n == 0:
         return out
     if backend == "torch":
@@ -245,7 +254,7 @@ def group_zscore(backend: str, rewards: Tensor, group_ids: Tensor, weights: Tens
                  std_mode: int, eps: float, clip: float) -> Tensor:
     """sum_k w_k z_g(r_k), clipped (clip <= 0: no clip). rewards fp32 [N, K], group_ids int64 [N]."""
     n, k = rewards.shape
-    out = torch.empty(n, dtype=torch.float32, device=rewards.device)
+    out = _empty(n, like=rewards, dtype=torch.float32)
     if backend == "torch":
         std_name = {v: name for name, v in STD_MODE.items()}[std_mode]
         acc = torch.zeros(n, dtype=torch.float32, device=rewards.device)
