@@ -55,9 +55,9 @@ def _group_advantages_kernel(
             r = tl.load(rewards_ptr + sample[:, None] * K + cols[None, :], mask=m, other=0.0)
             d = tl.where(m, r.to(tl.float64) - mean[None, :], 0.0)
             sq += tl.sum(d * d, axis=0)
-        denom = tl.sqrt(sq / count) + eps.to(tl.float64)
+        denom = tl.sqrt(sq / count) + tl.cast(eps, tl.float64)
     elif STD_MODE == 1:
-        denom = tl.load(global_std_ptr + cols, mask=col_ok, other=1.0).to(tl.float64) + eps.to(tl.float64)
+        denom = tl.load(global_std_ptr + cols, mask=col_ok, other=1.0).to(tl.float64) + tl.cast(eps, tl.float64)
     else:
         denom = tl.full([KP], 1.0, tl.float64)
     degenerate = lo == hi

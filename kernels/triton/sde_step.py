@@ -85,8 +85,8 @@ def _sde_forward_kernel(
             if HAS_NOISE:
                 eps = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
             else:
-                eps = philox_normal_tile(j0, ROWS, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32),
-                                         off_lo.to(tl.uint32), off_hi.to(tl.uint32))
+                eps = philox_normal_tile(j0, ROWS, tl.cast(seed_lo, tl.uint32), tl.cast(seed_hi, tl.uint32),
+                                         tl.cast(off_lo, tl.uint32), tl.cast(off_hi, tl.uint32))
             drawn = tl.where(std != 0.0, mean_g + std * eps, mean_g)
         else:
             drawn = mean_g
@@ -143,7 +143,7 @@ def _sde_finalize_kernel(
                 lp_acc += tl.load(row + c * 2, mask=m, other=0.0).to(tl.float64)
             if HAS_KL:
                 kl_acc += tl.load(row + c * 2 + 1, mask=m, other=0.0).to(tl.float64)
-        n = N.to(tl.float64)
+        n = tl.cast(N, tl.float64)
         if HAS_LP:
             lp_sum = -tl.sum(lp_acc, axis=0) * logprob_scale(std, LP_FORM).to(tl.float64)
             lp_const = logprob_const(std, LP_FORM).to(tl.float64)
@@ -220,8 +220,8 @@ def _sde_backward_kernel(
 def _philox_normal_kernel(out_ptr, n, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // 4
     j0 = tl.program_id(0).to(tl.int64) * ROWS
-    eps = philox_normal_tile(j0, ROWS, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32),
-                             off_lo.to(tl.uint32), off_hi.to(tl.uint32))
+    eps = philox_normal_tile(j0, ROWS, tl.cast(seed_lo, tl.uint32), tl.cast(seed_hi, tl.uint32),
+                             tl.cast(off_lo, tl.uint32), tl.cast(off_hi, tl.uint32))
     idx = (j0 + tl.arange(0, ROWS).to(tl.int64))[:, None] * 4 + tl.arange(0, 4)[None, :]
     tl.store(out_ptr + idx, eps, mask=idx < n)
 

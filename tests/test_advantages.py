@@ -1,0 +1,118 @@
+"""group_advantages, win_rate, pareto_mask and grpo_loss against the reference."""
+import pytest
+import torch
+
+from flowsteer.ops import group_advantages, grpo_loss, pareto_mask, reference as R, win_rate
+
+from helpers import assert_close
+
+
+def _rewards(n, k, groups, seed=0, sparse_ids=False):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(n, k, generator=g) * 2 - 0.5
+    ids = torch.randint(0, groups, (n,), generator=g)
+    if sparse_ids:  # arbitrary ids, as hashes of prompts give: exercises the sorting path
+        ids = ids * 1_000_003 - 7
+    return r, ids
+
+
+@pytest.mark.parametrize("std", ["group", "global", "none"])
+@pytest.mark.parametrize("mode,k", [("sum", 1), ("sum", 3), ("per_reward", 3), ("log_tamed", 3)])
+@pytest.mark.parametrize("sparse_ids", [False, True], ids=["dense-ids", "sparse-ids"])
+def test_matches_reference(backend, std, mode, k, sparse_ids):
+    name, device = backend
+    r, ids = _rewards(203, k, 17, sparse_ids=sparse_ids)
+    w = [0.5, 1.0, 2.0][:k]
+    got = group_advantages(r.to(device), ids.to(device), std=std, mode=mode, weights=w, clip=2.0)
+    want = R.group_advantages(r.double(), ids, std=std, mode=mode, weights=w, clip=2.0)
+    want32 = R.group_advantages(r, ids, std=std, mode=mode, weights=w, clip=2.0)
+    assert got.dtype == torch.float32 and got.shape == (203,)
+    assert_close("advantages", got, want, want32, ulps=32)
+
+
+def test_per_reward_batch_norm(backend):
+    name, device = backend
+    r, ids = _rewards(64, 2, 8, seed=1)
+    got = group_advantages(r.to(device), ids.to(device), mode="per_reward", batch_norm=True, weights=[1.0, 0.5])
+    want = R.group_advantages(r.double(), ids, mode="per_reward", batch_norm=True, weights=[1.0, 0.5])
+    assert_close("advantages", got, want, ulps=64)
+
+
+def test_zero_variance_group_is_zero_not_nan(backend):
+    name, device = backend
+    r = torch.tensor([0.1, 0.1, 0.1, 0.3, 0.7, 0.2, 0.2])
+    ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    for std in ("group", "global", "none"):
+        a = group_advantages(r.to(device), ids.to(device), std=std).cpu()
+        assert torch.isfinite(a).all()
+        assert torch.equal(a[[0, 1, 2, 5, 6]], torch.zeros(5)), std
+        assert a[3] < 0 < a[4]
+
+
+def test_single_sample_groups_and_one_group(backend):
+    name, device = backend
+    r = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(group_advantages(r.to(device), torch.arange(3).to(device)).cpu(), torch.zeros(3))
+    a = group_advantages(r.to(device), torch.zeros(3, dtype=torch.long).to(device), clip=None).cpu()
+    assert_close("one group", a, (r.double() - 2) / ((2 / 3) ** 0.5 + 1e-4))
+
+
+def test_clip(backend):
+    name, device = backend
+    r = torch.tensor([0.0] * 50 + [10.0])
+    a = group_advantages(r.to(device), torch.zeros(51, dtype=torch.long).to(device), clip=3.0).cpu()
+    assert float(a.max()) == 3.0
+
+
+@pytest.mark.parametrize("n,groups", [(100_000, 4000), (1000, 1)])
+def test_large(backend, n, groups):
+    name, device = backend
+    if name == "torch":
+        pytest.skip("the reference loops over groups in Python; covered at small sizes")
+    r, ids = _rewards(n, 1, groups, seed=3)
+    got = group_advantages(r.to(device), ids.to(device))
+    want = R.group_advantages(r.double(), ids) if groups < 100 else None
+    if want is not None:
+        assert_close("advantages", got, want, ulps=32)
+    # Per-group mean 0, std ~1 (exactly 1 up to eps and the clip).
+    order = torch.argsort(ids)
+    got_c = got.cpu()
+    for gid in ids[order][:: max(1, n // 10)].unique()[:5]:
+        sel = got_c[ids == gid]
+        assert abs(float(sel.mean())) < 1e-4
+
+
+def test_win_rate():
+    prefs = torch.tensor([[[0.0, 1.0, 0.5], [0.0, 0.0, float("nan")], [0.5, 1.0, 0.0]]])
+    got = win_rate(prefs)
+    assert torch.allclose(got, torch.tensor([[0.75, 0.25, 0.75]]))
+    assert torch.equal(win_rate(prefs[0]), got[0])
+
+
+def test_pareto_mask():
+    g = torch.Generator().manual_seed(4)
+    r = torch.rand(60, 2, generator=g).round(decimals=1)  # ties included
+    ids = torch.randint(0, 5, (60,), generator=g)
+    assert torch.equal(pareto_mask(r, ids), R.pareto_mask(r, ids))
+
+
+def test_grpo_loss_matches_reference_and_stats():
+    g = torch.Generator().manual_seed(5)
+    lp = torch.randn(16, generator=g) * 1e-3
+    old = lp + torch.randn(16, generator=g) * 1e-3
+    adv = torch.randn(16, generator=g)
+    kl = torch.rand(16, generator=g)
+    lpg = lp.clone().requires_grad_()
+    loss, stats = grpo_loss(lpg, old, adv, clip_range=(2e-4, 3e-4), kl=kl, beta=0.04)
+    want, ratio = R.grpo_loss(lp.double(), old.double(), adv.double(), (2e-4, 3e-4), kl.double(), 0.04)
+    assert_close("loss", loss, want, ulps=64)
+    assert stats.ratio_max == ratio.max().float() or abs(float(stats.ratio_max - ratio.max())) < 1e-6
+    assert 0.0 < float(stats.clip_frac) < 1.0
+    loss.backward()
+    assert lpg.grad is not None and torch.isfinite(lpg.grad).all()
+
+
+def test_on_policy_ratio_is_one():
+    lp = torch.randn(8)
+    loss, stats = grpo_loss(lp, lp.clone(), torch.randn(8))
+    assert float(stats.ratio_min) == 1.0 and float(stats.ratio_max) == 1.0 and float(stats.clip_frac) == 0.0

@@ -1,0 +1,70 @@
+"""Backend selection, backend_info, and importing without the extension or Triton."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flowsteer
+
+
+def test_backend_info_reports_what_was_found():
+    info = flowsteer.backend_info()
+    for key in ("backend", "extension", "cpu_kernels", "cuda_kernels", "cuda_archs", "triton", "torch", "cpu_pick"):
+        assert key in info
+    assert info["cpu_pick"] == ("cpu" if info["extension"] else "torch")
+
+
+def test_set_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="backend must be one of auto, cuda, triton, cpu, torch"):
+        flowsteer.set_backend("metal")
+
+
+def test_named_backend_that_cannot_run_says_why():
+    flowsteer.set_backend("cuda")
+    v = torch.randn(2, 3)
+    if torch.cuda.is_available():
+        match = "backend 'cuda' runs CUDA tensors"
+    else:
+        match = "backend 'cuda'"
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        flowsteer.ops.sde_step(v, v, 0.5, 0.4, seed=1)
+
+
+def _run_isolated(code: str, env_extra=None) -> str:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env.update(env_extra or {})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+BLOCK = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in {blocked}:
+            raise ImportError("blocked for the test: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_import_without_extension_or_triton_uses_the_reference():
+    code = BLOCK.format(blocked=repr({"flowsteer._C", "triton"})) + """
+import torch, flowsteer
+info = flowsteer.backend_info()
+assert info["extension"] is False and info["triton"] is None and info["cpu_pick"] == "torch", info
+v = torch.randn(2, 3, 4)
+out = flowsteer.ops.sde_step(v, v, 0.5, 0.4, "flow", 0.7, seed=3)
+ref = flowsteer.ops.reference.philox_normal(24, 3).reshape(2, 3, 4)
+assert out.log_prob.shape == (2,)
+print("ok")
+"""
+    assert _run_isolated(code).strip() == "ok"
+
+
+def test_environment_variable_picks_the_backend():
+    code = "import flowsteer; print(flowsteer.get_backend(), flowsteer.backend_info()['cpu_pick'])"
+    assert _run_isolated(code, {"FLOWSTEER_BACKEND": "torch"}).split() == ["torch", "torch"]
