@@ -294,7 +294,8 @@ __global__ void __launch_bounds__(kThreads) philox_normal_kernel(float* out, int
 
 int64_t chunks_of(int64_t numel, const char* op) {
   const int64_t chunks = (numel + kCudaChunk - 1) / kCudaChunk;
-  if (chunks > INT_MAX) throw std::invalid_argument(std::string(op) + ": numel is too large for one launch (got " + std::to_string(numel) + ")");
+  if (chunks > INT_MAX)
+    throw std::invalid_argument(std::string(op) + ": numel is too large for one launch (got " + std::to_string(numel) + ")");
   return chunks;
 }
 
@@ -353,7 +354,7 @@ void philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset, void* 
 int device_count() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky error of a missing driver or device
+    cudaGetLastError();  // clear it, so that the next launch check does not report a missing driver
     return 0;
   }
   return count;

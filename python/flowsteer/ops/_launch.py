@@ -109,7 +109,8 @@ def sde_forward(
     else:
         chunks = (numel + C.cuda_chunk - 1) // C.cuda_chunk
         workspace = torch.empty(B * chunks * 2, **f32)
-        C.sde_forward_cuda(workspace=workspace.data_ptr(), stream=_stream(x.device), **args)
+        with torch.cuda.device(x.device):
+            C.sde_forward_cuda(workspace=workspace.data_ptr(), stream=_stream(x.device), **args)
     return sample, mean, log_prob, std, kl
 
 
@@ -195,7 +196,8 @@ def sde_backward(
     if backend == "cpu":
         C.sde_backward_cpu(**args)
     else:
-        C.sde_backward_cuda(stream=_stream(x.device), **args)
+        with torch.cuda.device(x.device):
+            C.sde_backward_cuda(stream=_stream(x.device), **args)
     return grad_v, grad_x, grad_ref_v
 
 
@@ -246,7 +248,8 @@ def philox_normal(backend: str, n: int, seed: int, offset: int, device: torch.de
     elif backend == "cpu":
         _backend.extension().philox_normal_cpu(out.data_ptr(), n, seed, offset)
     else:
-        _backend.extension().philox_normal_cuda(out.data_ptr(), n, seed, offset, _stream(device))
+        with torch.cuda.device(device):
+            _backend.extension().philox_normal_cuda(out.data_ptr(), n, seed, offset, _stream(device))
     return out
 
 
@@ -276,8 +279,9 @@ def group_zscore(backend: str, rewards: Tensor, group_ids: Tensor, weights: Tens
             rewards=rewards, order=order, offsets=offsets, weights=weights, global_std=global_std, out=out,
             std_mode=std_mode, eps=eps, clip=clip)
     else:
-        _backend.extension().group_advantages_cuda(
-            rewards=rewards.data_ptr(), order=order.data_ptr(), offsets=offsets.data_ptr(),
-            num_groups=counts.numel(), weights=weights.data_ptr(), global_std=global_std.data_ptr(),
-            out=out.data_ptr(), n=n, k=k, std_mode=std_mode, eps=eps, clip=clip, stream=_stream(rewards.device))
+        with torch.cuda.device(rewards.device):
+            _backend.extension().group_advantages_cuda(
+                rewards=rewards.data_ptr(), order=order.data_ptr(), offsets=offsets.data_ptr(),
+                num_groups=counts.numel(), weights=weights.data_ptr(), global_std=global_std.data_ptr(),
+                out=out.data_ptr(), n=n, k=k, std_mode=std_mode, eps=eps, clip=clip, stream=_stream(rewards.device))
     return out
