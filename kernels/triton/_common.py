@@ -8,6 +8,7 @@ divisions and square roots of the per-sample coefficients use the IEEE-rounded `
 """
 import math
 
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -39,8 +40,6 @@ def cps_sin(noise_level: float) -> float:
 
     It depends on noise_level alone, so the host computes it once instead of every program.
     """
-    import numpy as np
-
     a = np.float32(noise_level) * np.float32(1.57079632679489662)
     return float(np.float32(math.sin(float(a))))
 

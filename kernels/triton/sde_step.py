@@ -18,6 +18,7 @@ i >> 2, as on the CPU and CUDA backends. A forward tile is therefore laid out as
 rows of whole Philox blocks, aligned on the global index: one Philox call per row, no normal drawn
 and thrown away.
 """
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -293,8 +294,6 @@ def sde_backward(*, v, x, sample, guidance, ref_v, sigma, sigma_next, guidance_c
         raise ValueError("sde_backward: grad_log_prob needs the sample the log-prob was taken at (got sample=None)")
     if grad_kl is not None and ref_v is None:
         raise ValueError("sde_backward: grad_kl needs ref_v (got ref_v=None)")
-    import numpy as np
-
     # 1 / float(numel) in fp32, as the CPU code computes it.
     inv_n = float(np.float32(1.0) / np.float32(N)) if reduce_mean else 1.0
     guided_lp = bool(lp_guided) and guidance is not None and grad_log_prob is not None
