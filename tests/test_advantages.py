@@ -68,6 +68,8 @@ def test_clip(backend):
 def test_large(kernel_backend, n, groups):
     """Many groups (the segmented kernel's usual load) and one large group (longer than a block)."""
     name, device = kernel_backend
+    if name == "triton" and device.type == "cpu":
+        n, groups = n // 10, max(1, groups // 10)  # the interpreter runs one program per group
     r, ids = _rewards(n, 1, groups, seed=3)
     got = group_advantages(r.to(device), ids.to(device)).cpu()
     # fp64 statement of the same normalisation, vectorised with scatter (the reference's loop

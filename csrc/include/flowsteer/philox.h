@@ -9,6 +9,8 @@
 // log, sin and cos below are our own polynomials, so the CPU and CUDA code compute the same
 // fp32 operations in the same order (CUDA is compiled with --fmad=false for that reason).
 #pragma once
+#include <cmath>
+
 #include "flowsteer/common.h"
 
 namespace flowsteer {
