@@ -7,7 +7,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "flowsteer/philox.h"
 #include "flowsteer/sde_args.h"
 #include "flowsteer/sde_math.h"
 
@@ -18,6 +17,8 @@ namespace cpu {
 void sde_forward(const SdeForwardArgs& a);
 void sde_backward(const SdeBackwardArgs& a);
 void group_advantages(const GroupAdvantageArgs& a);
+void philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset);
+const char* isa();
 }  // namespace cpu
 #ifdef FLOWSTEER_WITH_CUDA
 namespace cuda {
@@ -185,6 +186,7 @@ void* stream_of(const py::kwargs& kw) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flowsteer compiled core: fused SDE step, log-prob, KL and group advantages (CPU and CUDA)";
   m.attr("cuda_chunk") = kCudaChunk;
+  m.attr("cpu_isa") = cpu::isa();
 
   m.def("sde_forward_cpu", [](py::kwargs kw) {
     const SdeForwardArgs a = forward_args(kw);
@@ -206,14 +208,8 @@ PYBIND11_MODULE(_C, m) {
       "philox_normal_cpu",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset) {
         if (!out && n > 0) throw std::invalid_argument("philox_normal: 'out' must be a non-null pointer");
-        float* o = reinterpret_cast<float*>(out);
         py::gil_scoped_release release;
-#pragma omp parallel for schedule(static)
-        for (int64_t j = 0; j < (n + 3) / 4; ++j) {
-          float z[4];
-          philox_normal4(seed, offset, uint64_t(j), z);
-          for (int l = 0; l < 4 && 4 * j + l < n; ++l) o[4 * j + l] = z[l];
-        }
+        cpu::philox_normal(reinterpret_cast<float*>(out), n, seed, offset);
       },
       py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("offset"));
 

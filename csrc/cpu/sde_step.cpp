@@ -1,80 +1,189 @@
 // CPU kernels of the SDE step: the fused forward (sample or evaluate, log-prob, KL) and its backward.
+//
+// Each task owns a fixed chunk of one sample and walks it in L1-sized tiles. Within a tile the
+// work is split into short passes over float arrays (draw noise, load, mean, sample, reduce), each
+// a branch-free loop the compiler vectorises; the flags that select the passes are loop-invariant.
+//
+// This file is compiled once per instruction set (FLOWSTEER_CPU_ISA: generic, and avx2 on x86-64,
+// where the Philox loop vectorises); dispatch.cpp picks one at run time. Both give the same bits:
+// no FMA contraction, and vectorised IEEE operations round as the scalar ones do.
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "flowsteer/philox.h"
 #include "flowsteer/sde_args.h"
 #include "flowsteer/sde_math.h"
 
+#ifndef FLOWSTEER_CPU_ISA
+#define FLOWSTEER_CPU_ISA generic
+#endif
+
 namespace flowsteer {
 namespace cpu {
-namespace {
+namespace FLOWSTEER_CPU_ISA {
 
 // Elements of one sample that one task reduces. Fixed, so the summation order (and the bits of
 // log_prob and kl) do not depend on the number of threads.
 constexpr int64_t kChunk = 16384;
-// Elements per inner tile: the noise for a tile is drawn into a stack buffer first so that the
-// arithmetic loop below it has no calls and vectorises.
+// Elements per tile; every array of a tile stays in L1.
 constexpr int64_t kTile = 512;
+// Lanes of the tile reductions: independent partial sums in a fixed order (vectorisable without
+// reassociating a single accumulator).
+constexpr int kLanes = 16;
+
+// Standard normals of Philox blocks j0 .. j0 + blocks - 1, four per block, written to out.
+void philox_normal_blocks(uint64_t seed, uint64_t offset, uint64_t j0, int64_t blocks, float* out) {
+  alignas(64) uint32_t ka[kTile / 4 + 8], kb[kTile / 4 + 8], kc[kTile / 4 + 8], kd[kTile / 4 + 8];
+  const uint32_t s0 = uint32_t(seed), s1 = uint32_t(seed >> 32);
+  const uint32_t o0 = uint32_t(offset), o1 = uint32_t(offset >> 32);
+  int64_t t = 0;
+#if defined(__AVX2__)
+  // Eight blocks at a time: philox4x32_10 with 32x32 -> 64-bit products on even and odd lanes.
+  // GCC's own vectorisation of the scalar code measured 2.4 ns per normal here; this is the same
+  // arithmetic, lane for lane (the tests compare it bit for bit with the generic build).
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mul0 = _mm256_set1_epi32(int(0xD2511F53u)), mul1 = _mm256_set1_epi32(int(0xCD9E8D57u));
+  for (; t + 8 <= blocks; t += 8) {
+    const uint64_t j = j0 + uint64_t(t);
+    if (uint32_t(j) > 0xFFFFFFF7u) break;  // the low word would carry inside the group: scalar below
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(j))), lane);
+    __m256i c1 = _mm256_set1_epi32(int(uint32_t(j >> 32)));
+    __m256i c2 = _mm256_set1_epi32(int(o0)), c3 = _mm256_set1_epi32(int(o1));
+    uint32_t k0 = s0, k1 = s1;
+    for (int round = 0; round < 10; ++round) {
+      const __m256i e0 = _mm256_mul_epu32(c0, mul0), d0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), mul0);
+      const __m256i e1 = _mm256_mul_epu32(c2, mul1), d1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), mul1);
+      const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(d0, 32), 0xAA);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), d0, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(d1, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), d1, 0xAA);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(int(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(int(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ka + t), c0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(kb + t), c1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(kc + t), c2);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(kd + t), c3);
+  }
+#endif
+  for (; t < blocks; ++t) {
+    const uint64_t j = j0 + uint64_t(t);
+    const U32x4 k = philox4x32_10(U32x4{uint32_t(j), uint32_t(j >> 32), o0, o1}, s0, s1);
+    ka[t] = k.x;
+    kb[t] = k.y;
+    kc[t] = k.z;
+    kd[t] = k.w;
+  }
+  alignas(64) float z0[kTile / 4 + 2], z1[kTile / 4 + 2], z2[kTile / 4 + 2], z3[kTile / 4 + 2];
+  for (t = 0; t < blocks; ++t) {
+    box_muller(ka[t], kb[t], &z0[t], &z1[t]);
+    box_muller(kc[t], kd[t], &z2[t], &z3[t]);
+  }
+  for (t = 0; t < blocks; ++t) {
+    out[4 * t + 0] = z0[t];
+    out[4 * t + 1] = z1[t];
+    out[4 * t + 2] = z2[t];
+    out[4 * t + 3] = z3[t];
+  }
+}
+
+namespace {
+
+template <typename T>
+inline void load_tile(const T* p, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = Storage<T>::load(p, i);
+}
+
+// Sum of squares in kLanes fixed partial sums, then the lanes in order.
+inline double sum_squares(const float* a, const float* b, int64_t n) {
+  float lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float d = a[i + l] - b[i + l];
+      lane[l] += d * d;
+    }
+  for (int l = 0; i < n; ++i, ++l) {
+    const float d = a[i] - b[i];
+    lane[l] += d * d;
+  }
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += double(lane[l]);
+  return s;
+}
 
 template <typename T>
 void forward_chunk(const SdeForwardArgs& a, int64_t b, int64_t n0, int64_t n1, double* lp_sum, double* kl_sum) {
   using S = Storage<T>;
   const StepCoef c = step_coef(a.kind, a.sigma[b], a.sigma_next[b], a.noise_level, a.sigma_max);
+  const float cx = c.cx, cv = c.cv, sd = c.std;
   const float cg = a.guidance ? a.guidance_coef[b] : 0.0f;
-  const float lp_scale = a.out_log_prob ? logprob_scale(a.lp_form, c.std) : 0.0f;
   const bool sample_mode = a.prev_sample == nullptr;
+  const bool noisy = sample_mode && sd != 0.0f;
   const int64_t base = b * a.numel;
-  const T* v = static_cast<const T*>(a.v) + base;
-  const T* x = static_cast<const T*>(a.x) + base;
-  const T* noise_in = a.noise ? static_cast<const T*>(a.noise) + base : nullptr;
-  const T* prev = sample_mode ? nullptr : static_cast<const T*>(a.prev_sample) + base;
-  const T* guide = a.guidance ? static_cast<const T*>(a.guidance) + base : nullptr;
-  const T* ref_v = a.ref_v ? static_cast<const T*>(a.ref_v) + base : nullptr;
+  const auto at = [base](const void* p) { return p ? static_cast<const T*>(p) + base : nullptr; };
+  const T *v = at(a.v), *x = at(a.x), *noise_in = at(a.noise), *prev = at(a.prev_sample), *guide = at(a.guidance),
+          *ref_v = at(a.ref_v);
   T* out_sample = a.out_sample ? static_cast<T*>(a.out_sample) + base : nullptr;
   T* out_mean = a.out_mean ? static_cast<T*>(a.out_mean) + base : nullptr;
 
-  alignas(64) float noise[kTile + 4];
+  alignas(64) float xs[kTile], vs[kTile], mean[kTile], shifted[kTile], xp[kTile], tmp[kTile], eps_buf[kTile + 8];
   double lp_acc = 0.0, kl_acc = 0.0;
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
-    const int64_t t1 = std::min(n1, t0 + kTile);
-    const float* eps = noise;
-    if (sample_mode && c.std != 0.0f) {
-      if (noise_in) {
-        for (int64_t i = t0; i < t1; ++i) noise[i - t0] = S::load(noise_in, i);
-      } else {
-        // Philox blocks covering global elements [base + t0, base + t1).
-        const int64_t g0 = (base + t0) >> 2, g1 = (base + t1 - 1) >> 2;
-        for (int64_t j = g0; j <= g1; ++j) philox_normal4(a.seed, a.offset, uint64_t(j), &noise[(j - g0) * 4]);
-        eps = noise + ((base + t0) - g0 * 4);
-      }
+    const int64_t n = std::min(n1, t0 + kTile) - t0;
+    load_tile(x + t0, n, xs);
+    load_tile(v + t0, n, vs);
+    for (int64_t i = 0; i < n; ++i) mean[i] = cx * xs[i] + cv * vs[i];
+    const float* mean_g = mean;
+    if (guide) {
+      load_tile(guide + t0, n, tmp);
+      for (int64_t i = 0; i < n; ++i) shifted[i] = mean[i] + cg * tmp[i];
+      mean_g = shifted;
     }
-    float lp_tile = 0.0f, kl_tile = 0.0f;
-    for (int64_t i = t0; i < t1; ++i) {
-      const float mean = c.cx * S::load(x, i) + c.cv * S::load(v, i);
-      const float mean_g = guide ? mean + cg * S::load(guide, i) : mean;
-      float xp;
-      if (sample_mode) {
-        const float drawn = c.std != 0.0f ? mean_g + c.std * eps[i - t0] : mean_g;
-        S::store(out_sample, i, drawn);
-        xp = S::round(drawn);  // the log-prob is of the sample as stored
+    if (sample_mode) {
+      if (noisy) {
+        const float* eps = eps_buf;
+        if (noise_in) {
+          load_tile(noise_in + t0, n, eps_buf);
+        } else {
+          // Philox blocks covering global elements [base + t0, base + t0 + n).
+          const int64_t g0 = (base + t0) >> 2, g1 = (base + t0 + n - 1) >> 2;
+          philox_normal_blocks(a.seed, a.offset, uint64_t(g0), g1 - g0 + 1, eps_buf);
+          eps = eps_buf + ((base + t0) - g0 * 4);
+        }
+        for (int64_t i = 0; i < n; ++i) xp[i] = mean_g[i] + sd * eps[i];
       } else {
-        xp = S::load(prev, i);
+        for (int64_t i = 0; i < n; ++i) xp[i] = mean_g[i];
       }
-      const float mean_lp = a.lp_guided ? mean_g : mean;
-      if (out_mean) S::store(out_mean, i, mean_lp);
-      const float d = xp - mean_lp;
-      lp_tile += d * d;
-      if (ref_v) {
-        const float dm = mean - (c.cx * S::load(x, i) + c.cv * S::load(ref_v, i));
-        kl_tile += dm * dm;
-      }
+      // Store, and take the log-prob of the sample as stored.
+      T* dst = out_sample + t0;
+      for (int64_t i = 0; i < n; ++i) S::store(dst, i, xp[i]);
+      for (int64_t i = 0; i < n; ++i) xp[i] = S::round(xp[i]);
+    } else {
+      load_tile(prev + t0, n, xp);
     }
-    lp_acc += double(lp_tile);
-    kl_acc += double(kl_tile);
+    const float* mean_lp = a.lp_guided ? mean_g : mean;
+    if (out_mean) {
+      T* dst = out_mean + t0;
+      for (int64_t i = 0; i < n; ++i) S::store(dst, i, mean_lp[i]);
+    }
+    if (a.out_log_prob) lp_acc += sum_squares(xp, mean_lp, n);
+    if (ref_v) {
+      load_tile(ref_v + t0, n, tmp);
+      for (int64_t i = 0; i < n; ++i) tmp[i] = cx * xs[i] + cv * tmp[i];
+      kl_acc += sum_squares(mean, tmp, n);
+    }
   }
-  *lp_sum = -lp_acc * double(lp_scale);
+  *lp_sum = lp_acc;
   *kl_sum = kl_acc;
 }
 
@@ -99,8 +208,8 @@ void forward(const SdeForwardArgs& a) {
     }
     const double n = double(a.numel);
     if (a.out_log_prob) {
-      const double lp_const = logprob_const(a.lp_form, c.std);
-      a.out_log_prob[b] = float(a.reduce_mean ? lp_sum / n + lp_const : lp_sum + lp_const * n);
+      const double lp_scale = logprob_scale(a.lp_form, c.std), lp_const = logprob_const(a.lp_form, c.std);
+      a.out_log_prob[b] = float(a.reduce_mean ? -lp_sum * lp_scale / n + lp_const : -lp_sum * lp_scale + lp_const * n);
     }
     if (a.out_kl) {
       const double kl_b = kl_sum / double(kl_divisor(a.kl_form, c));
@@ -113,39 +222,59 @@ template <typename T>
 void backward_chunk(const SdeBackwardArgs& a, int64_t b, int64_t n0, int64_t n1) {
   using S = Storage<T>;
   const StepCoef c = step_coef(a.kind, a.sigma[b], a.sigma_next[b], a.noise_level, a.sigma_max);
+  const float cx = c.cx, cv = c.cv;
   const float cg = a.guidance ? a.guidance_coef[b] : 0.0f;
   const float inv_n = a.reduce_mean ? 1.0f / float(a.numel) : 1.0f;
   // d log_prob / d mean = 2 * scale * (x' - mean) per element, times the reduction weight.
   const float w_lp = a.grad_log_prob ? a.grad_log_prob[b] * inv_n * 2.0f * logprob_scale(a.lp_form, c.std) : 0.0f;
   const float w_kl = a.grad_kl ? a.grad_kl[b] * inv_n * 2.0f / kl_divisor(a.kl_form, c) : 0.0f;
   const int64_t base = b * a.numel;
-  const T* v = static_cast<const T*>(a.v) + base;
-  const T* x = static_cast<const T*>(a.x) + base;
-  const T* xp = a.grad_log_prob ? static_cast<const T*>(a.sample) + base : nullptr;
-  const T* guide = (a.guidance && a.lp_guided) ? static_cast<const T*>(a.guidance) + base : nullptr;
-  const T* ref_v = a.grad_kl ? static_cast<const T*>(a.ref_v) + base : nullptr;
-  const T* g_mean = a.grad_mean ? static_cast<const T*>(a.grad_mean) + base : nullptr;
-  const T* g_sample = a.grad_sample ? static_cast<const T*>(a.grad_sample) + base : nullptr;
-  T* grad_v = a.grad_v ? static_cast<T*>(a.grad_v) + base : nullptr;
-  T* grad_x = a.grad_x ? static_cast<T*>(a.grad_x) + base : nullptr;
-  T* grad_ref_v = a.grad_ref_v ? static_cast<T*>(a.grad_ref_v) + base : nullptr;
-  for (int64_t i = n0; i < n1; ++i) {
-    const float xf = S::load(x, i);
-    const float mean = c.cx * xf + c.cv * S::load(v, i);
+  const auto at = [base](const void* p) { return p ? static_cast<const T*>(p) + base : nullptr; };
+  const T *v = at(a.v), *x = at(a.x), *xp = a.grad_log_prob ? at(a.sample) : nullptr,
+          *guide = a.lp_guided ? at(a.guidance) : nullptr, *ref_v = a.grad_kl ? at(a.ref_v) : nullptr,
+          *g_mean = at(a.grad_mean), *g_sample = at(a.grad_sample);
+  const auto out = [base](void* p) { return p ? static_cast<T*>(p) + base : nullptr; };
+  T *grad_v = out(a.grad_v), *grad_x = out(a.grad_x), *grad_ref_v = out(a.grad_ref_v);
+
+  alignas(64) float xs[kTile], mean[kTile], g[kTile], g_kl[kTile], tmp[kTile];
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int64_t n = std::min(n1, t0 + kTile) - t0;
+    load_tile(x + t0, n, xs);
+    load_tile(v + t0, n, tmp);
+    for (int64_t i = 0; i < n; ++i) mean[i] = cx * xs[i] + cv * tmp[i];
     // Gradient with respect to the mean; the guidance shift is a constant.
-    float g = 0.0f;
-    if (g_mean) g += S::load(g_mean, i);
-    if (g_sample) g += S::load(g_sample, i);
+    for (int64_t i = 0; i < n; ++i) g[i] = 0.0f;
+    if (g_mean) {
+      load_tile(g_mean + t0, n, tmp);
+      for (int64_t i = 0; i < n; ++i) g[i] += tmp[i];
+    }
+    if (g_sample) {
+      load_tile(g_sample + t0, n, tmp);
+      for (int64_t i = 0; i < n; ++i) g[i] += tmp[i];
+    }
     if (xp) {
-      const float mean_lp = guide ? mean + cg * S::load(guide, i) : mean;
-      g += w_lp * (S::load(xp, i) - mean_lp);
+      if (guide) {
+        load_tile(guide + t0, n, tmp);
+        for (int64_t i = 0; i < n; ++i) g_kl[i] = mean[i] + cg * tmp[i];  // g_kl as scratch: the guided mean
+      } else {
+        for (int64_t i = 0; i < n; ++i) g_kl[i] = mean[i];
+      }
+      load_tile(xp + t0, n, tmp);
+      for (int64_t i = 0; i < n; ++i) g[i] += w_lp * (tmp[i] - g_kl[i]);
     }
     // d kl / d mean. The reference mean shares cx * x, so the KL adds nothing to grad_x.
-    float g_kl = 0.0f;
-    if (ref_v) g_kl = w_kl * (mean - (c.cx * xf + c.cv * S::load(ref_v, i)));
-    if (grad_v) S::store(grad_v, i, c.cv * (g + g_kl));
-    if (grad_x) S::store(grad_x, i, c.cx * g);
-    if (grad_ref_v) S::store(grad_ref_v, i, -c.cv * g_kl);
+    if (ref_v) {
+      load_tile(ref_v + t0, n, tmp);
+      for (int64_t i = 0; i < n; ++i) g_kl[i] = w_kl * (mean[i] - (cx * xs[i] + cv * tmp[i]));
+    } else {
+      for (int64_t i = 0; i < n; ++i) g_kl[i] = 0.0f;
+    }
+    if (grad_v)
+      for (int64_t i = 0; i < n; ++i) S::store(grad_v + t0, i, cv * (g[i] + g_kl[i]));
+    if (grad_x)
+      for (int64_t i = 0; i < n; ++i) S::store(grad_x + t0, i, cx * g[i]);
+    if (grad_ref_v)
+      for (int64_t i = 0; i < n; ++i) S::store(grad_ref_v + t0, i, -cv * g_kl[i]);
   }
 }
 
@@ -179,5 +308,19 @@ void sde_backward(const SdeBackwardArgs& a) {
   }
 }
 
+void philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset) {
+  constexpr int64_t kBlocks = kTile / 4;
+  const int64_t blocks = (n + 3) / 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t j0 = 0; j0 < blocks; j0 += kBlocks) {
+    alignas(64) float z[kTile];
+    const int64_t nb = std::min(kBlocks, blocks - j0);
+    philox_normal_blocks(seed, offset, uint64_t(j0), nb, z);
+    const int64_t count = std::min(4 * nb, n - 4 * j0);
+    std::copy(z, z + count, out + 4 * j0);
+  }
+}
+
+}  // namespace FLOWSTEER_CPU_ISA
 }  // namespace cpu
 }  // namespace flowsteer

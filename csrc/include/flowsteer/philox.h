@@ -30,8 +30,12 @@ FS_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 FS_HD U32x4 philox4x32_10(U32x4 c, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
   constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+  // Fully unrolled, so that a loop over blocks around this call is straight-line code the CPU
+  // compiler can vectorise.
 #if defined(__CUDA_ARCH__)
 #pragma unroll
+#else
+#pragma GCC unroll 10
 #endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t hi0 = mulhi32(kMul0, c.x), lo0 = kMul0 * c.x;

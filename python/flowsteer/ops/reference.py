@@ -156,9 +156,13 @@ def philox_uint32(n_blocks: int, seed: int, offset: int) -> np.ndarray:
 
 
 def philox_normal(n: int, seed: int, offset: int = 0, dtype=torch.float64) -> torch.Tensor:
-    """The standard normals of flowsteer's in-kernel noise for elements 0..n-1, by exact Box-Muller."""
-    k = philox_uint32((n + 3) // 4, seed, offset).astype(np.float64)
-    u = (k + 0.5) / 2.0**32
+    """The standard normals of flowsteer's in-kernel noise for elements 0..n-1, by exact Box-Muller.
+
+    The uniforms are those the kernels form: u = fl32(fl32(k) 2^-32 + 2^-33), so near u = 1 they
+    step by 2^-24 (as curand's do); the log, sqrt and sin/cos after that are exact here.
+    """
+    k = philox_uint32((n + 3) // 4, seed, offset).astype(np.float32)
+    u = (k * np.float32(2.0**-32) + np.float32(2.0**-33)).astype(np.float64)
     r_a = np.sqrt(-2.0 * np.log(u[:, 0::2]))
     theta = 2.0 * np.pi * u[:, 1::2]
     z = np.empty_like(u)
