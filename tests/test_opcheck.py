@@ -15,7 +15,7 @@ def _sde_args(device, prev=False, guidance=False, ref=False, kind="flow", dtype=
     sigma_next = torch.tensor([0.6, 0.3], device=device)
     return (v, x, sigma, sigma_next, None, t() if prev else None, t() if guidance else None,
             torch.tensor([0.3, 0.2], device=device) if guidance else None, t().requires_grad_() if ref else None,
-            KIND_CODE[kind], 0.7, 0.0, 123, 4, 0, 1 if ref else 0, True, False, True, True)
+            [KIND_CODE[kind], 123, 4, 0, 1 if ref else 0, 1, 0, 1, 1], [0.7, 0.0])
 
 
 @pytest.mark.parametrize("case", ["sample", "evaluate", "evaluate-kl-guided", "cps-bf16"])
@@ -36,7 +36,7 @@ def test_opcheck_sde_step_backward(backend):
     t = lambda: torch.randn(2, 3, 5, 4, generator=g).to(device)  # noqa: E731
     args = (t(), t(), t(), torch.tensor([0.7, 0.5], device=device), torch.tensor([0.6, 0.3], device=device), None, None,
             t(), torch.randn(2, generator=g).to(device), torch.randn(2, generator=g).to(device), t(), None,
-            KIND_CODE["flow"], 0.7, 0.0, 0, 1, True, False, True, True, True)
+            [KIND_CODE["flow"], 0, 1, 1, 0, 1, 1, 1], [0.7, 0.0])
     torch.library.opcheck(sde_mod._sde_step_backward_op, args)
 
 

@@ -28,27 +28,23 @@ def _sde_step_op(
     guidance: Optional[Tensor],
     guidance_coef: Optional[Tensor],
     ref_v: Optional[Tensor],
-    kind: int,
-    noise_level: float,
-    sigma_max: float,
-    seed: int,
-    offset: int,
-    lp_form: int,
-    kl_form: int,
-    reduce_mean: bool,
-    lp_guided: bool,
-    want_log_prob: bool,
-    want_mean: bool,
+    options: list[int],
+    scalars: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """options = [kind, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, want_log_prob, want_mean],
+    scalars = [noise_level, sigma_max]. Packed because the dispatcher's per-call cost grows with the
+    number of arguments (quadratically in torch 2.13's fill_defaults)."""
+    kind, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, want_log_prob, want_mean = options
+    noise_level, sigma_max = scalars
     backend = _backend.resolve(x.device)
     return _launch.sde_forward(backend, v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v,
-                               kind, noise_level, sigma_max, seed, offset, lp_form, kl_form, reduce_mean, lp_guided,
-                               want_log_prob, want_mean)
+                               kind, noise_level, sigma_max, seed, offset, lp_form, kl_form, bool(reduce_mean),
+                               bool(lp_guided), bool(want_log_prob), bool(want_mean))
 
 
 @_sde_step_op.register_fake
-def _(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, kind, noise_level, sigma_max, seed,
-      offset, lp_form, kl_form, reduce_mean, lp_guided, want_log_prob, want_mean):
+def _(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, options, scalars):
+    want_log_prob, want_mean = bool(options[7]), bool(options[8])
     B = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     return (
@@ -74,26 +70,24 @@ def _sde_step_backward_op(
     grad_kl: Optional[Tensor],
     grad_mean: Optional[Tensor],
     grad_sample: Optional[Tensor],
-    kind: int,
-    noise_level: float,
-    sigma_max: float,
-    lp_form: int,
-    kl_form: int,
-    reduce_mean: bool,
-    lp_guided: bool,
-    want_grad_v: bool,
-    want_grad_x: bool,
-    want_grad_ref_v: bool,
+    options: list[int],
+    scalars: list[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """options = [kind, lp_form, kl_form, reduce_mean, lp_guided, want_grad_v, want_grad_x, want_grad_ref_v],
+    scalars = [noise_level, sigma_max]."""
+    kind, lp_form, kl_form, reduce_mean, lp_guided, want_grad_v, want_grad_x, want_grad_ref_v = options
+    noise_level, sigma_max = scalars
     backend = _backend.resolve(x.device)
     return _launch.sde_backward(backend, v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob,
                                 grad_kl, grad_mean, grad_sample, kind, noise_level, sigma_max, lp_form, kl_form,
-                                reduce_mean, lp_guided, want_grad_v, want_grad_x, want_grad_ref_v)
+                                bool(reduce_mean), bool(lp_guided), bool(want_grad_v), bool(want_grad_x),
+                                bool(want_grad_ref_v))
 
 
 @_sde_step_backward_op.register_fake
 def _(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl, grad_mean, grad_sample,
-      kind, noise_level, sigma_max, lp_form, kl_form, reduce_mean, lp_guided, want_grad_v, want_grad_x, want_grad_ref_v):
+      options, scalars):
+    want_grad_v, want_grad_x, want_grad_ref_v = (bool(o) for o in options[5:8])
     return (
         torch.empty_like(v) if want_grad_v else v.new_empty(0),
         torch.empty_like(x) if want_grad_x else x.new_empty(0),
@@ -102,13 +96,14 @@ def _(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_
 
 
 def _setup_context(ctx, inputs, output):
-    (v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, kind, noise_level, sigma_max, seed,
-     offset, lp_form, kl_form, reduce_mean, lp_guided, want_log_prob, want_mean) = inputs
+    v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, options, scalars = inputs
+    kind, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, want_log_prob, want_mean = options
     sample = output[0] if prev_sample is None else prev_sample
     ctx.sampled = prev_sample is None
-    ctx.has_log_prob = want_log_prob
+    ctx.has_log_prob = bool(want_log_prob)
     ctx.has_kl = ref_v is not None
-    ctx.scalars = (kind, noise_level, sigma_max, lp_form, kl_form, reduce_mean, lp_guided)
+    ctx.options = [kind, lp_form, kl_form, reduce_mean, lp_guided]
+    ctx.scalars = list(scalars)
     ctx.save_for_backward(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v)
     ctx.set_materialize_grads(False)
 
@@ -119,7 +114,6 @@ def _present(g: Optional[Tensor]) -> Optional[Tensor]:
 
 def _backward(ctx, grad_sample, grad_mean, grad_log_prob, grad_std, grad_kl):
     v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v = ctx.saved_tensors
-    kind, noise_level, sigma_max, lp_form, kl_form, reduce_mean, lp_guided = ctx.scalars
     want_v, want_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     want_ref = ctx.needs_input_grad[8] and ctx.has_kl
     grad_log_prob = _present(grad_log_prob) if ctx.has_log_prob else None
@@ -127,12 +121,12 @@ def _backward(ctx, grad_sample, grad_mean, grad_log_prob, grad_std, grad_kl):
     grad_sample = _present(grad_sample) if ctx.sampled else None
     grad_mean = _present(grad_mean)
     if grad_log_prob is None and grad_kl is None and grad_sample is None and grad_mean is None:
-        return (None,) * 20
+        return (None,) * 11
     gv, gx, gr = _sde_step_backward_op(
         v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl,
         None if grad_mean is None else grad_mean.to(x.dtype), None if grad_sample is None else grad_sample.to(x.dtype),
-        kind, noise_level, sigma_max, lp_form, kl_form, reduce_mean, lp_guided, want_v, want_x, want_ref)
-    return (gv if want_v else None, gx if want_x else None) + (None,) * 6 + (gr if want_ref else None,) + (None,) * 11
+        ctx.options + [int(want_v), int(want_x), int(want_ref)], ctx.scalars)
+    return (gv if want_v else None, gx if want_x else None) + (None,) * 6 + (gr if want_ref else None, None, None)
 
 
 _sde_step_op.register_autograd(_backward, setup_context=_setup_context)
@@ -259,9 +253,10 @@ def sde_step(
         seed = int(torch.randint(0, _SEED_LIMIT - 1, (1,), dtype=torch.int64).item())
     sample, mean, log_prob, std, kl_value = _sde_step_op(
         v, x, sig, sig_next, noise if stochastic else None, None if prev_sample is None else prev_sample.detach(),
-        guidance, guidance_coef, ref_v, KIND_CODE[kind], float(noise_level),
-        float(sigma_max) if sigma_max is not None else 0.0, int(seed or 0), int(offset), LP_FORM[cps_logprob],
-        KL_FORM[kl] if ref_v is not None else 0, reduce == "mean", logprob_mean == "guided", stochastic, return_mean)
+        guidance, guidance_coef, ref_v,
+        [KIND_CODE[kind], int(seed or 0), int(offset), LP_FORM[cps_logprob], KL_FORM[kl] if ref_v is not None else 0,
+         int(reduce == "mean"), int(logprob_mean == "guided"), int(stochastic), int(return_mean)],
+        [float(noise_level), float(sigma_max) if sigma_max is not None else 0.0])
     return SDEStepOutput(
         prev_sample=sample if prev_sample is None else prev_sample,
         log_prob=log_prob if stochastic else None,
