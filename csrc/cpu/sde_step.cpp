@@ -9,6 +9,7 @@
 // no FMA contraction, and vectorised IEEE operations round as the scalar ones do.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -103,6 +104,19 @@ inline void load_tile(const T* p, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = Storage<T>::load(p, i);
 }
 
+// A tile as fp32: fp32 storage is read in place, other dtypes are converted into buf.
+template <typename T>
+inline const float* tile_view(const T* p, int64_t n, float* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    (void)n;
+    (void)buf;
+    return p;
+  } else {
+    load_tile(p, n, buf);
+    return buf;
+  }
+}
+
 // Sum of squares in kLanes fixed partial sums, then the lanes in order.
 inline double sum_squares(const float* a, const float* b, int64_t n) {
   float lane[kLanes] = {};
@@ -136,40 +150,43 @@ void forward_chunk(const SdeForwardArgs& a, int64_t b, int64_t n0, int64_t n1, d
   T* out_sample = a.out_sample ? static_cast<T*>(a.out_sample) + base : nullptr;
   T* out_mean = a.out_mean ? static_cast<T*>(a.out_mean) + base : nullptr;
 
-  alignas(64) float xs[kTile], vs[kTile], mean[kTile], shifted[kTile], xp[kTile], tmp[kTile], eps_buf[kTile + 8];
+  alignas(64) float x_buf[kTile], v_buf[kTile], mean[kTile], shifted[kTile], xp_buf[kTile], tmp[kTile],
+      ref_mean[kTile], eps_buf[kTile + 8];
   double lp_acc = 0.0, kl_acc = 0.0;
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int64_t n = std::min(n1, t0 + kTile) - t0;
-    load_tile(x + t0, n, xs);
-    load_tile(v + t0, n, vs);
+    const float* xs = tile_view(x + t0, n, x_buf);
+    const float* vs = tile_view(v + t0, n, v_buf);
     for (int64_t i = 0; i < n; ++i) mean[i] = cx * xs[i] + cv * vs[i];
     const float* mean_g = mean;
     if (guide) {
-      load_tile(guide + t0, n, tmp);
-      for (int64_t i = 0; i < n; ++i) shifted[i] = mean[i] + cg * tmp[i];
+      const float* gs = tile_view(guide + t0, n, tmp);
+      for (int64_t i = 0; i < n; ++i) shifted[i] = mean[i] + cg * gs[i];
       mean_g = shifted;
     }
+    const float* xp = xp_buf;
     if (sample_mode) {
       if (noisy) {
-        const float* eps = eps_buf;
+        const float* eps;
         if (noise_in) {
-          load_tile(noise_in + t0, n, eps_buf);
+          eps = tile_view(noise_in + t0, n, eps_buf);
         } else {
           // Philox blocks covering global elements [base + t0, base + t0 + n).
           const int64_t g0 = (base + t0) >> 2, g1 = (base + t0 + n - 1) >> 2;
           philox_normal_blocks(a.seed, a.offset, uint64_t(g0), g1 - g0 + 1, eps_buf);
           eps = eps_buf + ((base + t0) - g0 * 4);
         }
-        for (int64_t i = 0; i < n; ++i) xp[i] = mean_g[i] + sd * eps[i];
+        for (int64_t i = 0; i < n; ++i) xp_buf[i] = mean_g[i] + sd * eps[i];
       } else {
-        for (int64_t i = 0; i < n; ++i) xp[i] = mean_g[i];
+        for (int64_t i = 0; i < n; ++i) xp_buf[i] = mean_g[i];
       }
       // Store, and take the log-prob of the sample as stored.
       T* dst = out_sample + t0;
-      for (int64_t i = 0; i < n; ++i) S::store(dst, i, xp[i]);
-      for (int64_t i = 0; i < n; ++i) xp[i] = S::round(xp[i]);
+      for (int64_t i = 0; i < n; ++i) S::store(dst, i, xp_buf[i]);
+      if (!std::is_same<T, float>::value)
+        for (int64_t i = 0; i < n; ++i) xp_buf[i] = S::round(xp_buf[i]);
     } else {
-      load_tile(prev + t0, n, xp);
+      xp = tile_view(prev + t0, n, xp_buf);
     }
     const float* mean_lp = a.lp_guided ? mean_g : mean;
     if (out_mean) {
@@ -178,9 +195,9 @@ void forward_chunk(const SdeForwardArgs& a, int64_t b, int64_t n0, int64_t n1, d
     }
     if (a.out_log_prob) lp_acc += sum_squares(xp, mean_lp, n);
     if (ref_v) {
-      load_tile(ref_v + t0, n, tmp);
-      for (int64_t i = 0; i < n; ++i) tmp[i] = cx * xs[i] + cv * tmp[i];
-      kl_acc += sum_squares(mean, tmp, n);
+      const float* rs = tile_view(ref_v + t0, n, tmp);
+      for (int64_t i = 0; i < n; ++i) ref_mean[i] = cx * xs[i] + cv * rs[i];
+      kl_acc += sum_squares(mean, ref_mean, n);
     }
   }
   *lp_sum = lp_acc;
