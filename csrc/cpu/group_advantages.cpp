@@ -48,7 +48,8 @@ void group_advantages(const GroupAdvantageArgs& a) {
   build_segments(a.group_ids, a.n, order, offsets);
   const int64_t groups = int64_t(offsets.size()) - 1;
   const int64_t k_cols = a.k;
-#pragma omp parallel for schedule(dynamic, 64)
+  // One thread for small batches: waking a team costs more than the work (torch's grain is 32768).
+#pragma omp parallel for schedule(dynamic, 64) if (a.n * a.k >= 32768)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t s0 = offsets[size_t(g)], s1 = offsets[size_t(g + 1)];
     const double count = double(s1 - s0);

@@ -36,6 +36,9 @@ constexpr int64_t kTile = 512;
 // Lanes of the tile reductions: independent partial sums in a fixed order (vectorisable without
 // reassociating a single accumulator).
 constexpr int kLanes = 16;
+// Below this many elements a call runs on one thread: waking a team costs more than it saves,
+// and on a busy machine a descheduled team member stalls the whole call (torch uses 32768 too).
+constexpr int64_t kParallelGrain = 32768;
 
 // Standard normals of Philox blocks j0 .. j0 + blocks - 1, four per block, written to out.
 void philox_normal_blocks(uint64_t seed, uint64_t offset, uint64_t j0, int64_t blocks, float* out) {
@@ -209,7 +212,7 @@ void forward(const SdeForwardArgs& a) {
   const int64_t chunks = std::max<int64_t>(1, (a.numel + kChunk - 1) / kChunk);
   const int64_t tasks = a.batch * chunks;
   std::vector<double> lp(size_t(tasks), 0.0), kl(size_t(tasks), 0.0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.batch * a.numel >= kParallelGrain)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, ch = task % chunks;
     const int64_t n0 = ch * kChunk, n1 = std::min(a.numel, n0 + kChunk);
@@ -299,7 +302,7 @@ template <typename T>
 void backward(const SdeBackwardArgs& a) {
   const int64_t chunks = std::max<int64_t>(1, (a.numel + kChunk - 1) / kChunk);
   const int64_t tasks = a.batch * chunks;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.batch * a.numel >= kParallelGrain)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t b = task / chunks, ch = task % chunks;
     const int64_t n0 = ch * kChunk;
@@ -328,7 +331,7 @@ void sde_backward(const SdeBackwardArgs& a) {
 void philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset) {
   constexpr int64_t kBlocks = kTile / 4;
   const int64_t blocks = (n + 3) / 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelGrain)
   for (int64_t j0 = 0; j0 < blocks; j0 += kBlocks) {
     alignas(64) float z[kTile];
     const int64_t nb = std::min(kBlocks, blocks - j0);
