@@ -4,7 +4,8 @@ The fused ops live in `flowsteer.ops`; `flowsteer.backend_info()` says which ker
 """
 from ._backend import backend_info, get_backend, set_backend
 from . import ops
+from .sampler import Rollout, evaluate, sample
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "get_backend", "set_backend", "ops", "__version__"]
+__all__ = ["Rollout", "backend_info", "evaluate", "get_backend", "ops", "sample", "set_backend", "__version__"]

@@ -1,0 +1,349 @@
+"""Model adapters: what the rollout loop needs from a model, one small class per model family.
+
+To add a model, subclass ModelAdapter and implement encode, model_inputs, initial_latents,
+schedule, velocity and (optionally) decode. The loop never looks inside the model.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .schedule import dynamic_shift_mu, scheduler_sigmas, shifted_sigmas
+
+Tensor = torch.Tensor
+Cond = Dict[str, Any]
+
+
+def _gather(cond: Cond, index: Tensor) -> Cond:
+    """Rows of every tensor in cond (leading dim = prompts) for the samples in index."""
+    return {k: (v.index_select(0, index.to(v.device)) if torch.is_tensor(v) else v) for k, v in cond.items()}
+
+
+class ModelAdapter:
+    """The interface of flowsteer.sample to a model.
+
+    Conditioning is encoded once per prompt (`encode`, leading dim P), gathered once per batch
+    composition into the model's inputs (`model_inputs`, with the CFG batch already concatenated),
+    and reused at every step, so the step loop does no per-sample work on the host.
+    """
+
+    #: "image" or "video" (what decode returns)
+    modality = "image"
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def encode(self, prompts: List[str], guidance_scale: float) -> Cond:
+        raise NotImplementedError
+
+    def model_inputs(self, cond: Cond, index: Tensor, guidance_scale: float) -> Cond:
+        return _gather(cond, index)
+
+    def prepare(self, **size) -> None:
+        """Set up what depends on the output size (height, width, num_frames); called by sample
+        and evaluate before anything else. Default: nothing."""
+
+    def initial_latents(self, n: int, generator: torch.Generator, **size) -> Tensor:
+        raise NotImplementedError
+
+    def schedule(self, num_steps: int, latents: Tensor) -> Tuple[List[float], Tensor]:
+        """(sigmas: num_steps + 1 floats from 1 to 0, timesteps: [num_steps] on self.device)."""
+        raise NotImplementedError
+
+    def velocity(self, x: Tensor, step: int, timesteps: Tensor, sigma: float, inputs: Cond,
+                 guidance_scale: float) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor, **size) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot decode; pass decode=False")
+
+
+class CallableAdapter(ModelAdapter):
+    """A bare `velocity_fn(x, sigma, cond) -> v`: sigma is an fp32 [B] tensor, cond the rows of
+    the user's per-prompt conditioning (a tensor [P, ...], a dict of them, or None) for the batch."""
+
+    def __init__(self, velocity_fn: Callable, latent_shape: Sequence[int], cond: Any = None,
+                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32, shift: float = 1.0,
+                 decode_fn: Optional[Callable] = None):
+        if not callable(velocity_fn):
+            raise TypeError(f"velocity_fn must be callable (got {type(velocity_fn).__name__})")
+        if latent_shape is None or len(latent_shape) < 1:
+            raise ValueError("a bare velocity function needs latent_shape=(C, H, W) or (C, F, H, W)")
+        self.fn = velocity_fn
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.user_cond = cond
+        self._device = torch.device(device) if device is not None else _infer_device(cond)
+        self.dtype = dtype
+        self.shift = shift
+        self.decode_fn = decode_fn
+        self.modality = "video" if len(self.latent_shape) == 4 else "image"
+
+    @property
+    def device(self):
+        return self._device
+
+    def encode(self, prompts, guidance_scale):
+        cond = self.user_cond
+        if cond is None:
+            return {}
+        tensors = cond if isinstance(cond, dict) else {"cond": cond}
+        for k, v in tensors.items():
+            if torch.is_tensor(v) and v.shape[0] != len(prompts):
+                raise ValueError(f"cond{'' if k == 'cond' else '[' + repr(k) + ']'} has {v.shape[0]} rows for {len(prompts)} prompts; "
+                                 "give one row per prompt")
+        return dict(tensors)
+
+    def model_inputs(self, cond, index, guidance_scale):
+        rows = _gather(cond, index)
+        if isinstance(self.user_cond, dict) or self.user_cond is None:
+            return {"cond": rows if rows else None}
+        return {"cond": rows["cond"]}
+
+    def initial_latents(self, n, generator, **size):
+        return torch.randn((n,) + self.latent_shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
+    def schedule(self, num_steps, latents):
+        sigmas = shifted_sigmas(num_steps, self.shift)
+        return sigmas, torch.tensor(sigmas[:-1], dtype=torch.float32, device=self.device)
+
+    def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
+        return self.fn(x, timesteps[step].expand(x.shape[0]), inputs["cond"])
+
+    def decode(self, latents, **size):
+        if self.decode_fn is None:
+            return super().decode(latents)
+        return self.decode_fn(latents)
+
+
+def _infer_device(cond) -> torch.device:
+    if torch.is_tensor(cond):
+        return cond.device
+    if isinstance(cond, dict):
+        for v in cond.values():
+            if torch.is_tensor(v):
+                return v.device
+    return torch.device("cpu")
+
+
+class _PipelineAdapter(ModelAdapter):
+    def __init__(self, pipe, compile: bool = False):
+        self.pipe = pipe
+        self.transformer = torch.compile(pipe.transformer) if compile else pipe.transformer
+
+    @property
+    def device(self):
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self):
+        return self.pipe.transformer.dtype
+
+
+class SD3Adapter(_PipelineAdapter):
+    """StableDiffusion3Pipeline (SD3, SD3.5): CLIP-L/G + T5 conditioning, CFG in one batch of 2B."""
+
+    def __init__(self, pipe, compile: bool = False, max_sequence_length: int = 256, negative_prompt: str = ""):
+        super().__init__(pipe, compile)
+        self.max_sequence_length = max_sequence_length
+        self.negative_prompt = negative_prompt
+
+    def encode(self, prompts, guidance_scale):
+        cfg = guidance_scale > 1.0
+        with torch.no_grad():
+            pe, ne, pp, npool = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg, negative_prompt=[self.negative_prompt] * len(prompts) if cfg else None,
+                max_sequence_length=self.max_sequence_length)
+        cond = {"prompt_embeds": pe, "pooled": pp}
+        if cfg:
+            cond.update(negative_prompt_embeds=ne, negative_pooled=npool)
+        return cond
+
+    def model_inputs(self, cond, index, guidance_scale):
+        c = _gather(cond, index)
+        if guidance_scale > 1.0:
+            return {"encoder_hidden_states": torch.cat([c["negative_prompt_embeds"], c["prompt_embeds"]]),
+                    "pooled_projections": torch.cat([c["negative_pooled"], c["pooled"]])}
+        return {"encoder_hidden_states": c["prompt_embeds"], "pooled_projections": c["pooled"]}
+
+    def initial_latents(self, n, generator, height=None, width=None, **size):
+        height = height or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        width = width or self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return self.pipe.prepare_latents(n, self.pipe.transformer.config.in_channels, height, width, self.dtype,
+                                         self.device, generator)
+
+    def schedule(self, num_steps, latents):
+        sched = self.pipe.scheduler
+        mu = None
+        if sched.config.get("use_dynamic_shifting", None):
+            p = self.pipe.transformer.config.patch_size
+            mu = dynamic_shift_mu(sched, (latents.shape[-2] // p) * (latents.shape[-1] // p), 1.16)
+        sigmas, timesteps = scheduler_sigmas(sched, num_steps, mu=mu)
+        return sigmas, timesteps.to(self.device)
+
+    def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
+        cfg = guidance_scale > 1.0
+        x_in = torch.cat([x, x]) if cfg else x
+        v = self.transformer(hidden_states=x_in, timestep=timesteps[step].expand(x_in.shape[0]),
+                             encoder_hidden_states=inputs["encoder_hidden_states"],
+                             pooled_projections=inputs["pooled_projections"], return_dict=False)[0]
+        if cfg:
+            v_uncond, v_text = v.chunk(2)
+            v = v_uncond + guidance_scale * (v_text - v_uncond)
+        return v
+
+    def decode(self, latents, **size):
+        vae = self.pipe.vae
+        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pt")
+
+
+class FluxAdapter(_PipelineAdapter):
+    """FluxPipeline: packed latents [B, seq, 4C], the guidance embedding, dynamic shift from the
+    sequence length. FLUX.1-dev is guidance-distilled: guidance_scale feeds the embedding, and
+    there is no CFG batch."""
+
+    def __init__(self, pipe, compile: bool = False, max_sequence_length: int = 512):
+        super().__init__(pipe, compile)
+        self.max_sequence_length = max_sequence_length
+
+    def encode(self, prompts, guidance_scale):
+        with torch.no_grad():
+            pe, pp, text_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                       num_images_per_prompt=1,
+                                                       max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": pe, "pooled": pp, "text_ids": text_ids}
+
+    def model_inputs(self, cond, index, guidance_scale):
+        c = _gather({"prompt_embeds": cond["prompt_embeds"], "pooled": cond["pooled"]}, index)
+        inputs = {"encoder_hidden_states": c["prompt_embeds"], "pooled_projections": c["pooled"],
+                  "txt_ids": cond["text_ids"], "img_ids": self._img_ids}
+        if self.pipe.transformer.config.guidance_embeds:
+            inputs["guidance"] = torch.full((index.numel(),), float(guidance_scale), dtype=torch.float32,
+                                            device=self.device)
+        else:
+            inputs["guidance"] = None
+        return inputs
+
+    def prepare(self, height=None, width=None, **size):
+        pipe = self.pipe
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        self._size = (height, width)
+        h, w = 2 * (int(height) // (pipe.vae_scale_factor * 2)), 2 * (int(width) // (pipe.vae_scale_factor * 2))
+        self._img_ids = pipe._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
+
+    def initial_latents(self, n, generator, **size):
+        height, width = self._size
+        latents, _ = self.pipe.prepare_latents(n, self.pipe.transformer.config.in_channels // 4, height, width,
+                                               self.dtype, self.device, generator)
+        return latents
+
+    def schedule(self, num_steps, latents):
+        import numpy as np
+
+        sched = self.pipe.scheduler
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(sched.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = dynamic_shift_mu(sched, latents.shape[1], 1.15)
+        out, timesteps = scheduler_sigmas(sched, num_steps, sigmas=sigmas, mu=mu)
+        return out, timesteps.to(self.device)
+
+    def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
+        t = timesteps[step].expand(x.shape[0]).to(x.dtype)
+        return self.transformer(hidden_states=x, timestep=t / 1000, guidance=inputs["guidance"],
+                                pooled_projections=inputs["pooled_projections"],
+                                encoder_hidden_states=inputs["encoder_hidden_states"], txt_ids=inputs["txt_ids"],
+                                img_ids=inputs["img_ids"], return_dict=False)[0]
+
+    def decode(self, latents, height=None, width=None, **size):
+        height, width = (height, width) if height else self._size
+        vae = self.pipe.vae
+        latents = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+        latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type="pt")
+
+
+class WanAdapter(_PipelineAdapter):
+    """WanPipeline: 5-D video latents [B, C, F, H, W], UMT5 conditioning, CFG in one batch of 2B
+    (the pipeline itself runs two forwards; the sum is the same up to rounding)."""
+
+    modality = "video"
+
+    def __init__(self, pipe, compile: bool = False, max_sequence_length: int = 512, negative_prompt: str = ""):
+        super().__init__(pipe, compile)
+        self.max_sequence_length = max_sequence_length
+        self.negative_prompt = negative_prompt
+
+    def encode(self, prompts, guidance_scale):
+        cfg = guidance_scale > 1.0
+        with torch.no_grad():
+            pe, ne = self.pipe.encode_prompt(prompt=prompts,
+                                             negative_prompt=[self.negative_prompt] * len(prompts) if cfg else None,
+                                             do_classifier_free_guidance=cfg, num_videos_per_prompt=1,
+                                             max_sequence_length=self.max_sequence_length, device=self.device)
+        dtype = self.dtype
+        cond = {"prompt_embeds": pe.to(dtype)}
+        if cfg:
+            cond["negative_prompt_embeds"] = ne.to(dtype)
+        return cond
+
+    def model_inputs(self, cond, index, guidance_scale):
+        c = _gather(cond, index)
+        if guidance_scale > 1.0:
+            return {"encoder_hidden_states": torch.cat([c["negative_prompt_embeds"], c["prompt_embeds"]])}
+        return {"encoder_hidden_states": c["prompt_embeds"]}
+
+    def initial_latents(self, n, generator, height=480, width=832, num_frames=81, **size):
+        return self.pipe.prepare_latents(n, self.pipe.transformer.config.in_channels, height, width, num_frames,
+                                         torch.float32, self.device, generator)
+
+    def schedule(self, num_steps, latents):
+        sigmas, timesteps = scheduler_sigmas(self.pipe.scheduler, num_steps)
+        return sigmas, timesteps.to(self.device)
+
+    def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
+        cfg = guidance_scale > 1.0
+        x_in = x.to(self.dtype)
+        x_in = torch.cat([x_in, x_in]) if cfg else x_in
+        v = self.transformer(hidden_states=x_in, timestep=timesteps[step].expand(x_in.shape[0]),
+                             encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False)[0]
+        if cfg:
+            v_uncond, v_text = v.chunk(2)
+            v = v_uncond + guidance_scale * (v_text - v_uncond)
+        return v.to(x.dtype)
+
+    def decode(self, latents, **size):
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device,
+                                                                                                     latents.dtype)
+        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        return self.pipe.video_processor.postprocess_video(video, output_type="pt")
+
+
+def as_adapter(model, *, latent_shape=None, cond=None, device=None, dtype=torch.float32, shift=1.0,
+               compile=False) -> ModelAdapter:
+    """An adapter for a diffusers pipeline, an adapter (returned as is) or a velocity function."""
+    if isinstance(model, ModelAdapter):
+        return model
+    name = type(model).__name__
+    if name in ("StableDiffusion3Pipeline",):
+        return SD3Adapter(model, compile=compile)
+    if name in ("FluxPipeline",):
+        return FluxAdapter(model, compile=compile)
+    if name in ("WanPipeline",):
+        return WanAdapter(model, compile=compile)
+    if hasattr(model, "transformer") and hasattr(model, "scheduler"):
+        raise TypeError(f"unsupported pipeline {name}: flowsteer.sample supports StableDiffusion3Pipeline, "
+                        "FluxPipeline and WanPipeline; wrap others in a ModelAdapter subclass")
+    if callable(model):
+        fn = torch.compile(model) if compile else model
+        return CallableAdapter(fn, latent_shape, cond=cond, device=device, dtype=dtype, shift=shift)
+    raise TypeError(f"model must be a diffusers pipeline, a ModelAdapter or a velocity function (got {name})")

@@ -1,0 +1,245 @@
+"""The rollout loop: SDE sampling with per-step log-probs, and their re-evaluation for training."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+
+from ..ops import sde_step
+from .adapters import ModelAdapter, as_adapter
+from .windows import SDEWindow, as_window
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Rollout:
+    """One batch of N = P * G samples (P prompts, G per group) and what training needs of it.
+
+    latents, next_latents: [N, S, ...] the latents before and after each of the S trained steps.
+    log_probs: [N, S] fp32, the log-probs of those steps as sampled.
+    steps: the S step indices into the schedule; sigmas: the T + 1 schedule sigmas (floats).
+    final_latents: [N, ...]; images: [N, 3, H, W] in [0, 1] (videos [N, F, 3, H, W]) or None.
+    prompts: N prompts; prompt_index, group_ids: int64 [N]. cond: the per-prompt conditioning;
+    guidance: [N, S, ...] reward gradients, kept only when the log-prob is taken under the guided mean.
+    """
+
+    latents: Tensor
+    next_latents: Tensor
+    log_probs: Tensor
+    steps: List[int]
+    sigmas: List[float]
+    final_latents: Tensor
+    images: Optional[Tensor]
+    prompts: List[str]
+    prompt_index: Tensor
+    group_ids: Tensor
+    cond: Dict[str, Any]
+    guidance_scale: float
+    kind: str
+    noise_level: float
+    size: Dict[str, Any]
+    adapter: ModelAdapter
+    sde_options: Dict[str, Any] = field(default_factory=dict)
+    guidance: Optional[Tensor] = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.final_latents.shape[0]
+
+
+def _check_prompts(prompts, group_size):
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings (got {type(prompts).__name__})")
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings")
+    if not (isinstance(group_size, int) and group_size >= 1):
+        raise ValueError(f"group_size must be an int >= 1 (got {group_size!r})")
+
+
+def sample(
+    model,
+    prompts: List[str],
+    *,
+    group_size: int = 1,
+    num_steps: int = 10,
+    guidance_scale: float = 4.5,
+    kind: str = "flow",
+    noise_level: float = 0.7,
+    window: Union[str, SDEWindow] = "all",
+    iteration: int = 0,
+    seed: int = 0,
+    same_noise: bool = False,
+    decode: bool = True,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    num_frames: Optional[int] = None,
+    reward_grad: Optional[Callable] = None,
+    reward_guidance_scale: float = 1.0,
+    reward_guidance_norm: str = "batch",
+    scale_by_dt: bool = True,
+    logprob_mean: str = "unguided",
+    cond: Any = None,
+    latent_shape=None,
+    shift: float = 1.0,
+    compile: bool = False,
+    cps_logprob: str = "exact",
+) -> Rollout:
+    """Sample P * G rollouts with per-step log-probs.
+
+    Args:
+        model: a StableDiffusion3Pipeline, FluxPipeline or WanPipeline, a ModelAdapter, or a
+            `velocity_fn(x, sigma [B], cond) -> v` (then pass latent_shape and optionally cond:
+            one row per prompt, and shift for its schedule).
+        prompts: P prompts, each sampled group_size times; samples of a prompt are contiguous and
+            share its group id.
+        num_steps: T; the schedule comes from the pipeline's scheduler config.
+        guidance_scale: CFG scale (one batched forward of 2B; FLUX: its guidance embedding).
+        kind, noise_level: the step (see flowsteer.ops.sde_step); steps outside the window are ODE.
+        window: "all", RandomWindow(k), ProgressiveWindow(k, ...) or Branch(at, size).
+            iteration feeds ProgressiveWindow.
+        seed: makes the rollout reproducible: the initial latents come from
+            torch.Generator().manual_seed(seed) (as a pipeline's `generator=` would), the window
+            draw from the same seed, and step i's noise from Philox(seed, offset=i).
+        same_noise: every sample of a group starts from the same initial latents (DanceGRPO).
+        decode: decode the final latents to pixels.
+        reward_grad: Euphonium guidance: `reward_grad(x, sigma, prompt_index) -> grad` (shape of x),
+            fused into each stochastic step as mean + c * G_hat with c = reward_guidance_scale
+            (times delta when scale_by_dt) and the norm reward_guidance_norm ("batch", "sample", "none").
+        logprob_mean: "unguided" (default: distils the guidance) or "guided".
+        compile: torch.compile the transformer (or the velocity function).
+    """
+    _check_prompts(prompts, group_size)
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+        raise ValueError(f"num_steps must be an int >= 1 (got {num_steps!r})")
+    adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile)
+    win = as_window(window)
+    P, G = len(prompts), group_size
+    N = P * G
+    device = adapter.device
+    size = {k: v for k, v in dict(height=height, width=width, num_frames=num_frames).items() if v is not None}
+    generator = torch.Generator().manual_seed(seed)
+
+    with torch.no_grad():
+        adapter.prepare(**size)
+        cond_p = adapter.encode(list(prompts), guidance_scale)
+        prompt_index = torch.arange(P).repeat_interleave(G)
+        prompt_index_dev = prompt_index.to(device)
+        plan_gen = torch.Generator().manual_seed(seed + 1)
+        # Initial latents: as the pipeline draws them for num_images_per_prompt = G.
+        if same_noise:
+            x = adapter.initial_latents(P, generator, **size).repeat_interleave(G, 0)
+        else:
+            x = adapter.initial_latents(N, generator, **size)
+        sigmas, timesteps = adapter.schedule(num_steps, x)
+        plan = win.plan(num_steps, iteration, plan_gen)
+        branch_at = plan.branch_at
+        rows = prompt_index
+        if branch_at is not None:
+            if G < 2:
+                raise ValueError("branch mode needs group_size >= 2")
+            x = x[::G].contiguous()  # one trajectory per prompt until the branch step
+            rows = torch.arange(P)
+        inputs = adapter.model_inputs(cond_p, rows.to(device), guidance_scale)
+        # A stochastic step with std 0 (cps onto sigma = 0) has no log-prob: run it as ODE.
+        stochastic = [s and not (kind == "cps" and sigmas[i + 1] == 0.0) and noise_level > 0 and kind != "ode"
+                      for i, s in enumerate(plan.stochastic)]
+        sde_kwargs = dict(sigma_max=sigmas[1] if sigmas[1] < 1 else None, cps_logprob=cps_logprob,
+                          logprob_mean=logprob_mean)
+        store_x, store_next, store_lp, store_guidance, steps = [], [], [], [], []
+        for i in range(num_steps):
+            if branch_at is not None and i == branch_at:
+                x = x.repeat_interleave(G, 0)
+                inputs = adapter.model_inputs(cond_p, prompt_index_dev, guidance_scale)
+            v = adapter.velocity(x, i, timesteps, sigmas[i], inputs, guidance_scale)
+            if stochastic[i]:
+                guidance = None
+                if reward_grad is not None:
+                    guidance = reward_grad(x, sigmas[i], prompt_index_dev[: x.shape[0]])
+                    if not torch.is_tensor(guidance) or guidance.shape != x.shape:
+                        raise ValueError(f"reward_grad returned {getattr(guidance, 'shape', type(guidance).__name__)} "
+                                         f"for latents of shape {tuple(x.shape)}; it must return a tensor of the same shape")
+                    guidance = guidance.to(x.dtype).contiguous()
+                out = sde_step(v, x, sigmas[i], sigmas[i + 1], kind, noise_level, seed=seed, offset=i,
+                               guidance=guidance, guidance_scale=reward_guidance_scale,
+                               guidance_norm=reward_guidance_norm, scale_by_dt=scale_by_dt, return_mean=False,
+                               **sde_kwargs)
+                store_x.append(x)
+                store_next.append(out.prev_sample)
+                store_lp.append(out.log_prob)
+                steps.append(i)
+                if guidance is not None and logprob_mean == "guided":
+                    store_guidance.append(guidance)
+            else:
+                out = sde_step(v, x, sigmas[i], sigmas[i + 1], "ode", 0.0, return_mean=False)
+            x = out.prev_sample
+        images = adapter.decode(x, **size) if decode else None
+
+    def stack(ts, like):
+        return torch.stack(ts, dim=1) if ts else like.new_empty((like.shape[0], 0) + tuple(like.shape[1:]))
+
+    return Rollout(
+        latents=stack(store_x, x),
+        next_latents=stack(store_next, x),
+        log_probs=torch.stack(store_lp, dim=1) if store_lp else x.new_empty((N, 0), dtype=torch.float32),
+        steps=steps,
+        sigmas=sigmas,
+        final_latents=x,
+        images=images,
+        prompts=[prompts[int(j)] for j in prompt_index],
+        prompt_index=prompt_index,
+        group_ids=prompt_index.clone(),
+        cond=cond_p,
+        guidance_scale=guidance_scale,
+        kind=kind,
+        noise_level=noise_level,
+        size=size,
+        adapter=adapter,
+        sde_options=dict(sde_kwargs, reward_guidance_norm=reward_guidance_norm),
+        guidance=stack(store_guidance, x) if store_guidance else None,
+    )
+
+
+def evaluate(
+    rollout: Rollout,
+    step: int,
+    indices: Optional[Tensor] = None,
+    *,
+    model=None,
+    ref_model=None,
+    kl: str = "flow_grpo",
+):
+    """Recompute the log-prob of the rollout's trained step `step` (an index into rollout.steps)
+    for the samples `indices` (default all), with gradients, from the same conditioning.
+
+    model: the policy (default: the adapter that sampled, whose weights may have moved since).
+    ref_model: a frozen reference (a pipeline or adapter) for the KL term, evaluated without grad.
+    Returns (log_prob [n], kl [n] or None).
+    """
+    if not (isinstance(step, int) and 0 <= step < len(rollout.steps)):
+        raise ValueError(f"step must index rollout.steps, in [0, {len(rollout.steps)}) (got {step!r})")
+    adapter = rollout.adapter if model is None else as_adapter(model)
+    idx = torch.arange(rollout.num_samples) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    i = rollout.steps[step]
+    x = rollout.latents[idx, step]
+    prev = rollout.next_latents[idx, step]
+    rows = rollout.prompt_index[idx]
+    adapter.prepare(**rollout.size)
+    _, timesteps = adapter.schedule(len(rollout.sigmas) - 1, x)
+    inputs = adapter.model_inputs(rollout.cond, rows.to(adapter.device), rollout.guidance_scale)
+    v = adapter.velocity(x, i, timesteps, rollout.sigmas[i], inputs, rollout.guidance_scale)
+    ref_v = None
+    if ref_model is not None:
+        ref = as_adapter(ref_model)
+        ref.prepare(**rollout.size)
+        with torch.no_grad():
+            ref_inputs = ref.model_inputs(rollout.cond, rows.to(ref.device), rollout.guidance_scale)
+            ref_v = ref.velocity(x, i, timesteps, rollout.sigmas[i], ref_inputs, rollout.guidance_scale)
+    guidance = None if rollout.guidance is None else rollout.guidance[idx, step]
+    opts = dict(rollout.sde_options)
+    norm = opts.pop("reward_guidance_norm")
+    out = sde_step(v, x, rollout.sigmas[i], rollout.sigmas[i + 1], rollout.kind, rollout.noise_level,
+                   prev_sample=prev, ref_v=ref_v, kl=kl, guidance=guidance, guidance_norm=norm, return_mean=False,
+                   **opts)
+    return out.log_prob, out.kl

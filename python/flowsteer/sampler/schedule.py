@@ -1,0 +1,43 @@
+"""Sigma schedules. Pipelines take theirs from their own scheduler config, exactly as their
+`__call__` does (shift, or dynamic shift from the image sequence length); a bare velocity
+function gets the flow-matching default with an optional shift."""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Sequence
+
+import torch
+
+
+def shifted_sigmas(num_steps: int, shift: float = 1.0) -> list:
+    """sigma_i = s t_i / (1 + (s - 1) t_i) for t_i = 1 - i / num_steps: num_steps + 1 values from 1 to 0."""
+    if not (isinstance(num_steps, int) and num_steps >= 1):
+        raise ValueError(f"num_steps must be an int >= 1 (got {num_steps!r})")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0 (got {shift!r})")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).float().tolist()
+
+
+def scheduler_sigmas(scheduler, num_steps: int, *, sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None):
+    """(sigmas: list of num_steps + 1 floats, timesteps: fp32 tensor [num_steps]) from a copy of a
+    diffusers FlowMatchEulerDiscreteScheduler, set up as a pipeline's retrieve_timesteps does."""
+    sched = copy.deepcopy(scheduler)  # never move the pipeline's own scheduler
+    kwargs = {} if mu is None else {"mu": mu}
+    if sigmas is not None:
+        sched.set_timesteps(sigmas=list(sigmas), device="cpu", **kwargs)
+    else:
+        sched.set_timesteps(num_steps, device="cpu", **kwargs)
+    out_sigmas = sched.sigmas.float().tolist()
+    if len(out_sigmas) != num_steps + 1:
+        raise ValueError(f"the scheduler gave {len(out_sigmas)} sigmas for {num_steps} steps")
+    return out_sigmas, sched.timesteps.float()
+
+
+def dynamic_shift_mu(scheduler, image_seq_len: int, default_max_shift: float) -> float:
+    """FLUX/SD3's `calculate_shift`: mu linear in the image sequence length."""
+    cfg = scheduler.config
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", default_max_shift)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
