@@ -1,0 +1,132 @@
+"""flowsteer.sample with a bare velocity function: windows, branch mode, reproducibility, the
+on-policy ratio, guidance, and bad input."""
+import pytest
+import torch
+
+import flowsteer
+from flowsteer.ops import sde_step
+from flowsteer.sampler import Branch, ProgressiveWindow, RandomWindow, evaluate, shifted_sigmas
+
+SHAPE = (4, 6, 5)
+TARGETS = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+
+
+def velocity(x, sigma, cond):
+    """The exact velocity towards a point mass at cond: v = (x - x0) / sigma."""
+    return (x - cond) / sigma.view(-1, *([1] * (x.ndim - 1))).clamp_min(1e-3)
+
+
+def run(**kw):
+    args = dict(group_size=4, num_steps=6, latent_shape=SHAPE, cond=TARGETS, decode=False, seed=3)
+    args.update(kw)
+    return flowsteer.sample(velocity, ["a", "b", "c"], **args)
+
+
+def test_ode_matches_a_plain_euler_loop():
+    r = run(kind="ode", noise_level=0.0, shift=3.0)
+    sigmas = shifted_sigmas(6, 3.0)
+    x = torch.randn((12,) + SHAPE, generator=torch.Generator().manual_seed(3))
+    cond = TARGETS.repeat_interleave(4, 0)
+    for i in range(6):
+        x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, torch.full((12,), sigmas[i]), cond)
+    assert torch.allclose(r.final_latents, x, atol=1e-6, rtol=1e-6)
+    assert r.steps == [] and r.log_probs.shape == (12, 0)
+
+
+@pytest.mark.parametrize("kind,noise_level", [("flow", 0.7), ("dance", 0.5), ("cps", 0.6)])
+def test_rollout_shapes_and_on_policy_ratio(kind, noise_level):
+    r = run(kind=kind, noise_level=noise_level)
+    T = len(r.steps)
+    assert r.latents.shape == (12, T) + SHAPE and r.next_latents.shape == (12, T) + SHAPE
+    assert r.log_probs.shape == (12, T) and torch.isfinite(r.log_probs).all()
+    assert r.group_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert r.prompts[:5] == ["a"] * 4 + ["b"]
+    if kind == "cps":
+        assert 5 not in r.steps  # the step onto sigma = 0 has std 0: run as ODE, not trained
+    for j in range(T):
+        lp, _ = evaluate(r, j)
+        assert float((torch.exp(lp - r.log_probs[:, j]) - 1).abs().max()) < 1e-6
+
+
+def test_same_seed_same_rollout_and_seed_matters():
+    a, b, c = run(), run(), run(seed=4)
+    assert torch.equal(a.final_latents, b.final_latents) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.equal(a.final_latents, c.final_latents)
+
+
+def test_same_noise_shares_initial_latents_per_group():
+    r = run(same_noise=True)
+    x0 = r.latents[:, 0]
+    assert torch.equal(x0[0], x0[3]) and not torch.equal(x0[0], x0[4])
+    assert not torch.equal(r.final_latents[0], r.final_latents[1])  # the SDE noise is not shared
+
+
+def test_branch_mode_shares_the_prefix():
+    r = run(window=Branch(3))
+    assert r.steps == [3, 4, 5]
+    x = r.latents[:, 0].reshape(3, 4, *SHAPE)
+    assert torch.equal(x[:, :1].expand_as(x), x)  # identical up to the branch step
+    nxt = r.next_latents[:, 0].reshape(3, 4, *SHAPE)
+    assert not torch.equal(nxt[:, 0], nxt[:, 1])  # and different after it
+    lp, _ = evaluate(r, 0)
+    assert float((lp - r.log_probs[:, 0]).abs().max()) == 0.0
+
+
+def test_random_and_progressive_windows():
+    r = run(window=RandomWindow(2))
+    assert len(r.steps) == 2 and r.steps[1] == r.steps[0] + 1
+    assert run(window=RandomWindow(2)).steps == r.steps  # drawn from the seed
+    starts = [run(window=ProgressiveWindow(2, stride=1, every=2), iteration=it).steps[0] for it in (0, 2, 4, 100)]
+    assert starts == [0, 1, 2, 4]
+
+
+def test_reward_guidance_is_fused_into_the_step():
+    grad = torch.randn((12,) + SHAPE, generator=torch.Generator().manual_seed(9))
+    seen = []
+
+    def reward_grad(x, sigma, prompt_index):
+        seen.append((sigma, prompt_index.tolist()))
+        return grad
+
+    r = run(reward_grad=reward_grad, reward_guidance_scale=0.3, window=Branch(4))
+    assert len(seen) == 2 and seen[0][1] == [0] * 4 + [1] * 4 + [2] * 4
+    # The stored step is the guided sample; its log-prob is under the unguided mean.
+    x, i = r.latents[:, 0].contiguous(), r.steps[0]
+    v = velocity(x, torch.full((12,), r.sigmas[i]), TARGETS.repeat_interleave(4, 0))
+    want = sde_step(v, x, r.sigmas[i], r.sigmas[i + 1], "flow", 0.7, seed=3, offset=i, guidance=grad,
+                    guidance_scale=0.3, guidance_norm="batch", scale_by_dt=True, sigma_max=r.sigmas[1])
+    assert torch.equal(want.prev_sample, r.next_latents[:, 0]) and torch.equal(want.log_prob, r.log_probs[:, 0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(group_size=0), "group_size must be an int >= 1"),
+        (dict(window=RandomWindow(7)), r"window size must be in \[1, num_steps\]"),
+        (dict(window=Branch(6)), r"branch step must be in \[0, num_steps\)"),
+        (dict(window=Branch(2), group_size=1), "branch mode needs group_size >= 2"),
+        (dict(window="some"), "window must be 'all' or an SDEWindow"),
+        (dict(cond=TARGETS[:2]), "cond has 2 rows for 3 prompts"),
+        (dict(num_steps=0), "num_steps must be an int >= 1"),
+        (dict(reward_grad=lambda x, s, p: x[:, :1]), "reward_grad returned .* it must return a tensor of the same shape"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        run(**kwargs)
+
+
+def test_bad_prompts_and_models():
+    with pytest.raises(ValueError, match="prompts must be a non-empty list"):
+        flowsteer.sample(velocity, "a cat", latent_shape=SHAPE)
+    with pytest.raises(ValueError, match="prompts must be a non-empty list"):
+        flowsteer.sample(velocity, [], latent_shape=SHAPE)
+
+    class FakePipeline:
+        transformer = None
+        scheduler = None
+
+    with pytest.raises(TypeError, match="unsupported pipeline FakePipeline"):
+        flowsteer.sample(FakePipeline(), ["a"])
+    with pytest.raises(ValueError, match="needs latent_shape"):
+        flowsteer.sample(velocity, ["a"], latent_shape=())
