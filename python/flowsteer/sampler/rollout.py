@@ -152,7 +152,8 @@ def sample(
             if branch_at is not None and i == branch_at:
                 x = x.repeat_interleave(G, 0)
                 inputs = adapter.model_inputs(cond_p, prompt_index_dev, guidance_scale)
-            v = adapter.velocity(x, i, timesteps, sigmas[i], inputs, guidance_scale)
+            # Transformers often return a permuted view; the fused step reads contiguous memory.
+            v = adapter.velocity(x, i, timesteps, sigmas[i], inputs, guidance_scale).contiguous()
             if stochastic[i]:
                 guidance = None
                 if reward_grad is not None:
@@ -228,14 +229,14 @@ def evaluate(
     adapter.prepare(**rollout.size)
     _, timesteps = adapter.schedule(len(rollout.sigmas) - 1, x)
     inputs = adapter.model_inputs(rollout.cond, rows.to(adapter.device), rollout.guidance_scale)
-    v = adapter.velocity(x, i, timesteps, rollout.sigmas[i], inputs, rollout.guidance_scale)
+    v = adapter.velocity(x, i, timesteps, rollout.sigmas[i], inputs, rollout.guidance_scale).contiguous()
     ref_v = None
     if ref_model is not None:
         ref = as_adapter(ref_model)
         ref.prepare(**rollout.size)
         with torch.no_grad():
             ref_inputs = ref.model_inputs(rollout.cond, rows.to(ref.device), rollout.guidance_scale)
-            ref_v = ref.velocity(x, i, timesteps, rollout.sigmas[i], ref_inputs, rollout.guidance_scale)
+            ref_v = ref.velocity(x, i, timesteps, rollout.sigmas[i], ref_inputs, rollout.guidance_scale).contiguous()
     guidance = None if rollout.guidance is None else rollout.guidance[idx, step]
     opts = dict(rollout.sde_options)
     norm = opts.pop("reward_guidance_norm")
