@@ -7,6 +7,12 @@ import sys
 import time
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _info(args) -> int:
     import flowsteer
 
@@ -61,6 +67,29 @@ def _example(args) -> int:
     return 0 if worst == 0.0 else 1
 
 
+def _bench(args) -> int:
+    import torch
+
+    from .bench import bench_rollout
+    from .testing.pipelines import tiny_sd3_pipeline
+
+    if args.what != "rollout":
+        raise SystemExit(f"flowsteer bench: unknown benchmark {args.what!r} (known: rollout)")
+    torch.manual_seed(0)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    pipe = tiny_sd3_pipeline(0).to(args.device)
+    print(f"rollout benchmark: tiny SD3 transformer with random weights, {args.prompts} prompts x {args.group_size}, "
+          f"{args.steps} steps, {args.size}px, CFG 4.5, device {args.device}")
+    results = bench_rollout(pipe, prompts=args.prompts, group_size=args.group_size, num_steps=args.steps,
+                            height=args.size, width=args.size, compile=args.compile,
+                            branch_group_size=args.branch_group_size)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flowsteer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +97,17 @@ def main(argv=None) -> int:
     ex = sub.add_parser("example", help="run the quick example: an SDE sampling loop with log-probs")
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=_example)
+    bench = sub.add_parser("bench", help="measure throughput: `flowsteer bench rollout`")
+    bench.add_argument("what", choices=["rollout"])
+    bench.add_argument("--prompts", type=int, default=2)
+    bench.add_argument("--group-size", type=int, default=8)
+    bench.add_argument("--branch-group-size", type=int, default=24)
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--size", type=int, default=32, help="image height and width in pixels")
+    bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    bench.add_argument("--compile", action="store_true", help="also time flowsteer.sample(compile=True)")
+    bench.add_argument("--out", default=None, help="write the results as JSON here")
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 
