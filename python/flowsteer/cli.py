@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     ex = sub.add_parser("example", help="run the quick example: an SDE sampling loop with log-probs")
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=_example)
+    serve = sub.add_parser("serve-reward", add_help=False,
+                           help="serve a local reward over HTTP (see `flowsteer serve-reward --help`)")
+    serve.set_defaults(func=None)
     bench = sub.add_parser("bench", help="measure throughput: `flowsteer bench rollout`")
     bench.add_argument("what", choices=["rollout"])
     bench.add_argument("--prompts", type=int, default=2)
@@ -108,6 +111,11 @@ def main(argv=None) -> int:
     bench.add_argument("--compile", action="store_true", help="also time flowsteer.sample(compile=True)")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
     bench.set_defaults(func=_bench)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve-reward"]:
+        from .rewards.remote import serve_main
+
+        return serve_main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 
