@@ -3,6 +3,10 @@
     python benches/gpu_suite.py --build --out gpu.json          # on a GPU machine (< 5 min on one H100)
     python benches/gpu_suite.py --device cpu --small --out cpu.json   # the same suite on the CPU
 
+On a GPU it ends with rollouts of an SD3.5-Medium-sized transformer (random weights, 512 px, 10
+steps, CFG 4.5, 16 images): the research-style reference loop, flowsteer.sample, and
+flowsteer.sample(compile=True), in images per second.
+
 Every figure is printed as soon as it is measured. Kernel times are given as a ratio to the
 memory floor (the bytes that must move divided by the copy bandwidth measured on the same device)
 and as speedups over the pure-torch reference in eager mode and under torch.compile.
@@ -38,6 +42,7 @@ def main() -> int:
     ap.add_argument("--build", action="store_true", help="pip install the repository first")
     ap.add_argument("--small", action="store_true", help="small shapes (CPU runs)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    ap.add_argument("--skip-rollout", action="store_true", help="skip the SD3.5-Medium rollout section (GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.build:
@@ -279,6 +284,20 @@ def main() -> int:
         RESULTS["timings"].append(dict(op="grpo_loss", impl="compile", ms=t_comp * 1e3))
     RESULTS["timings"].append(dict(op="grpo_loss", impl="eager", ms=t_eager * 1e3))
     log(line)
+
+    # ------------------------------------------------------------------ rollouts
+    if device.type == "cuda" and not args.skip_rollout:
+        from flowsteer.bench import bench_rollout
+        from flowsteer.testing.pipelines import sd35_medium_pipeline
+
+        t0 = time.time()
+        pipe = sd35_medium_pipeline(device, torch.bfloat16)
+        log(f"rollout: SD3.5-Medium-sized transformer, random weights, bf16 ({time.time() - t0:.0f} s to build); "
+            "512 px, 10 steps, CFG 4.5, 2 prompts x 8 = 16 images")
+        RESULTS["rollout"] = bench_rollout(pipe, prompts=2, group_size=8, num_steps=10, guidance_scale=4.5, height=512,
+                                           width=512, compile=not args.no_compile, branch_group_size=0, repeats=2,
+                                           log=lambda m: log("rollout " + m))
+        del pipe
 
     failed = [c for c in RESULTS["checks"] if not c["ok"]]
     log(f"checks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed")

@@ -75,3 +75,20 @@ def test_kl_against_a_reference_model(case):
     r = flowsteer.sample(pipe, PROMPTS, group_size=2, num_steps=3, guidance_scale=cfg, seed=1, decode=False, **size)
     lp, kl = flowsteer.evaluate(r, 0, ref_model=pipe)
     assert torch.equal(kl, torch.zeros_like(kl))  # the policy is its own reference
+
+
+def test_sd35_medium_benchmark_pipeline_wiring():
+    """The GPU rollout benchmark's pipeline, built on the meta device (no memory): 2.24B parameters,
+    333 text tokens of width 4096, pooled 2048, latents [B, 16, 64, 64] at 512 px."""
+    pipe = pipelines.sd35_medium_pipeline("meta", torch.bfloat16)
+    assert abs(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9 - 2.243) < 0.01
+    meta = torch.device("meta")
+    pe, ne, pp, npool = pipe.encode_prompt(prompt=PROMPTS, prompt_2=None, prompt_3=None, device=meta,
+                                           do_classifier_free_guidance=True, negative_prompt=["", ""])
+    assert pe.shape == (2, 333, 4096) and pp.shape == (2, 2048)
+    x = pipe.prepare_latents(2, 16, 512, 512, torch.bfloat16, meta, None)
+    assert x.shape == (2, 16, 64, 64)
+    v = pipe.transformer(hidden_states=torch.cat([x, x]), timestep=torch.full((4,), 500.0, device=meta),
+                         encoder_hidden_states=torch.cat([ne, pe]), pooled_projections=torch.cat([npool, pp]),
+                         return_dict=False)[0]
+    assert v.shape == (4, 16, 64, 64)

@@ -91,6 +91,11 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
                      repeats), n)
     results["speedup"] = results["flowsteer.sample"] / results["reference_loop"]
     log(f"flowsteer.sample vs reference loop: {results['speedup']:.2f}x")
+    if compile:
+        results["compile_speedup"] = results["flowsteer.sample(compile=True)"] / results["reference_loop"]
+        log(f"flowsteer.sample(compile=True) vs reference loop: {results['compile_speedup']:.2f}x")
+    if branch_group_size <= 0:
+        return results
     # Branch mode: one ODE prefix per prompt to step T/2, then T/2 stochastic steps per image;
     # against rollouts with a random window of T/2 stochastic steps: equal trained steps per image.
     half = num_steps // 2

@@ -487,3 +487,48 @@ def tiny_sd35_medium_transformer(device, dtype: torch.dtype) -> SD3Transformer2D
         torch.set_default_dtype(previous_dtype)
     # The sin-cos position table is built in fp32 whatever the default dtype; cast it too.
     return _ready(model, dtype)
+
+
+def sd35_medium_pipeline(device, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> StableDiffusion3Pipeline:
+    """A StableDiffusion3Pipeline around the full-size SD3.5-Medium transformer, for throughput.
+
+    Rollout throughput does not depend on weight values, and at 10 steps it hardly depends on the
+    text encoders (encoding is once per prompt). So the text encoders keep SD3.5's widths, which
+    the transformer's inputs need (CLIP-L 768 and CLIP-G 1280, pooled 768 + 1280 = 2048; T5 width
+    4096; 77 + 256 tokens), but have one layer each; the VAE has SD3's 16 latent channels and
+    scale factor 8 with 8 channels per block. Latents at 512 px: [B, 16, 64, 64].
+    """
+    tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
+
+    def clip(tok, width):
+        cfg = _clip_config(tok, width, width)
+        cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_attention_heads = 1, 4 * width, width // 64
+        return CLIPTextModelWithProjection(cfg)
+
+    t5 = dict(_t5_kwargs(tokenizer_3), d_model=4096, d_kv=64, num_heads=64, d_ff=1024, num_layers=1)
+    with torch.device(device):
+        with _seeded(seed + 1):
+            text_encoder = clip(tokenizer, 768)
+        with _seeded(seed + 2):
+            text_encoder_2 = clip(tokenizer_2, 1280)
+        with _seeded(seed + 3):
+            text_encoder_3 = T5EncoderModel(T5Config(**t5))
+        with _seeded(seed + 4):
+            vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                latent_channels=16, norm_num_groups=4, scaling_factor=1.5305, shift_factor=0.0609)
+    with _seeded(seed):
+        transformer = tiny_sd35_medium_transformer(device, dtype)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_ready(vae, dtype),
+        text_encoder=_ready(text_encoder, dtype),
+        tokenizer=tokenizer,
+        text_encoder_2=_ready(text_encoder_2, dtype),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_ready(text_encoder_3, dtype),
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
