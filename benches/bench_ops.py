@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import flowsteer
+from flowsteer.bench import research_group_advantages
 from flowsteer.ops import reference as R
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,16 +91,6 @@ def test_sde_step_evaluate_fwd_bwd(benchmark, impl, shape):
     flowsteer.set_backend("auto")
 
 
-def _research_loop(rewards, ids):
-    """Per-group normalisation as research code writes it: a Python loop over unique ids."""
-    adv = torch.empty_like(rewards)
-    for gid in torch.unique(ids):
-        m = ids == gid
-        r = rewards[m]
-        adv[m] = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
-    return adv
-
-
 @pytest.mark.parametrize("impl", KERNELS + ["research_loop"])
 def test_group_advantages(benchmark, impl):
     """N = 100k rewards in 4k groups."""
@@ -110,7 +101,7 @@ def test_group_advantages(benchmark, impl):
         flowsteer.set_backend(impl)
         fn = lambda: flowsteer.ops.group_advantages(rewards, ids)  # noqa: E731
     else:
-        fn = lambda: _research_loop(rewards, ids)  # noqa: E731
+        fn = lambda: research_group_advantages(rewards, ids)  # noqa: E731
     _run(benchmark, fn, "group_advantages N=100k G=4k", n=100_000, groups=4000, impl=impl)
     flowsteer.set_backend("auto")
 

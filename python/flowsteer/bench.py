@@ -17,6 +17,16 @@ from .ops import reference
 from .sampler import Branch, RandomWindow, sample
 
 
+def research_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per-group normalisation as research code writes it: a Python loop over unique ids."""
+    adv = torch.empty_like(rewards)
+    for gid in torch.unique(group_ids):
+        m = group_ids == gid
+        r = rewards[m]
+        adv[m] = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
+    return adv
+
+
 def reference_rollout(pipe, prompts: List[str], group_size: int, num_steps: int, guidance_scale: float, kind: str,
                       noise_level: float, seed: int, height: int, width: int):
     """SD3 rollouts as research code writes them. Returns (final latents [N, ...], log_probs [N, T])."""

@@ -127,6 +127,19 @@ def _infer_device(cond) -> torch.device:
     return torch.device("cpu")
 
 
+def cfg_velocity(transformer, x: Tensor, guidance_scale: float, **inputs) -> Tensor:
+    """One forward of the CFG batch [x; x] (inputs hold [uncond; cond]), combined as
+    v_uncond + s (v_cond - v_uncond); a plain forward when guidance_scale <= 1."""
+    cfg = guidance_scale > 1.0
+    x_in = torch.cat([x, x]) if cfg else x
+    timestep = inputs.pop("timestep").expand(x_in.shape[0])
+    v = transformer(hidden_states=x_in, timestep=timestep, return_dict=False, **inputs)[0]
+    if cfg:
+        v_uncond, v_text = v.chunk(2)
+        v = v_uncond + guidance_scale * (v_text - v_uncond)
+    return v
+
+
 class _PipelineAdapter(ModelAdapter):
     def __init__(self, pipe, compile: bool = False):
         self.pipe = pipe
@@ -184,15 +197,7 @@ class SD3Adapter(_PipelineAdapter):
         return sigmas, timesteps.to(self.device)
 
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
-        cfg = guidance_scale > 1.0
-        x_in = torch.cat([x, x]) if cfg else x
-        v = self.transformer(hidden_states=x_in, timestep=timesteps[step].expand(x_in.shape[0]),
-                             encoder_hidden_states=inputs["encoder_hidden_states"],
-                             pooled_projections=inputs["pooled_projections"], return_dict=False)[0]
-        if cfg:
-            v_uncond, v_text = v.chunk(2)
-            v = v_uncond + guidance_scale * (v_text - v_uncond)
-        return v
+        return cfg_velocity(self.transformer, x, guidance_scale, timestep=timesteps[step], **inputs)
 
     def decode(self, latents, **size):
         vae = self.pipe.vae
@@ -308,14 +313,7 @@ class WanAdapter(_PipelineAdapter):
         return sigmas, timesteps.to(self.device)
 
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
-        cfg = guidance_scale > 1.0
-        x_in = x.to(self.dtype)
-        x_in = torch.cat([x_in, x_in]) if cfg else x_in
-        v = self.transformer(hidden_states=x_in, timestep=timesteps[step].expand(x_in.shape[0]),
-                             encoder_hidden_states=inputs["encoder_hidden_states"], return_dict=False)[0]
-        if cfg:
-            v_uncond, v_text = v.chunk(2)
-            v = v_uncond + guidance_scale * (v_text - v_uncond)
+        v = cfg_velocity(self.transformer, x.to(self.dtype), guidance_scale, timestep=timesteps[step], **inputs)
         return v.to(x.dtype)
 
     def decode(self, latents, **size):
