@@ -14,7 +14,7 @@ from typing import Callable, Dict, List
 import torch
 
 from .ops import reference
-from .sampler import Branch, RandomWindow, sample
+from .sampler import Branch, RandomWindow, SD3Adapter, sample
 
 
 def research_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -28,14 +28,15 @@ def research_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) ->
 
 
 def reference_rollout(pipe, prompts: List[str], group_size: int, num_steps: int, guidance_scale: float, kind: str,
-                      noise_level: float, seed: int, height: int, width: int):
+                      noise_level: float, seed: int, height: int, width: int, max_sequence_length: int = 256):
     """SD3 rollouts as research code writes them. Returns (final latents [N, ...], log_probs [N, T])."""
     device = pipe._execution_device
     per_image = [p for p in prompts for _ in range(group_size)]
     n = len(per_image)
     with torch.no_grad():
         pe, ne, pp, npool = pipe.encode_prompt(prompt=per_image, prompt_2=None, prompt_3=None, device=device,
-                                               do_classifier_free_guidance=True, negative_prompt=[""] * n)
+                                               do_classifier_free_guidance=True, negative_prompt=[""] * n,
+                                               max_sequence_length=max_sequence_length)
         generator = torch.Generator().manual_seed(seed)
         latents = pipe.prepare_latents(n, pipe.transformer.config.in_channels, height, width, pe.dtype, device,
                                        generator)
@@ -77,10 +78,13 @@ def _time(fn: Callable, device: torch.device, repeats: int) -> float:
 
 def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int = 10, guidance_scale: float = 4.5,
                   height: int = 32, width: int = 32, kind: str = "flow", noise_level: float = 0.7,
-                  compile: bool = False, branch_group_size: int = 24, repeats: int = 3, log=print) -> Dict[str, float]:
+                  compile: bool = False, branch_group_size: int = 24, repeats: int = 3, max_sequence_length: int = 256,
+                  log=print) -> Dict[str, float]:
     """Images per second of the reference loop, flowsteer.sample (and with compile=True), and branch
     mode at k = T/2 against full SDE rollouts with the same number of trained steps per image."""
     device = pipe._execution_device
+    model = SD3Adapter(pipe, max_sequence_length=max_sequence_length)
+    model_compiled = SD3Adapter(pipe, max_sequence_length=max_sequence_length, compile=True) if compile else None
     texts = [f"prompt number {i}" for i in range(prompts)]
     n = prompts * group_size
     common = dict(num_steps=num_steps, guidance_scale=guidance_scale, kind=kind, noise_level=noise_level,
@@ -92,12 +96,13 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
         log(f"{key:34s} {images / seconds:9.2f} images/s  ({seconds * 1e3:8.1f} ms for {images} images)")
 
     report("reference_loop", _time(lambda: reference_rollout(pipe, texts, group_size, num_steps, guidance_scale, kind,
-                                                             noise_level, 0, height, width), device, repeats), n)
-    report("flowsteer.sample", _time(lambda: sample(pipe, texts, group_size=group_size, decode=False, **common),
+                                                             noise_level, 0, height, width, max_sequence_length),
+                                       device, repeats), n)
+    report("flowsteer.sample", _time(lambda: sample(model, texts, group_size=group_size, decode=False, **common),
                                      device, repeats), n)
     if compile:
         report("flowsteer.sample(compile=True)",
-               _time(lambda: sample(pipe, texts, group_size=group_size, decode=False, compile=True, **common), device,
+               _time(lambda: sample(model_compiled, texts, group_size=group_size, decode=False, **common), device,
                      repeats), n)
     results["speedup"] = results["flowsteer.sample"] / results["reference_loop"]
     log(f"flowsteer.sample vs reference loop: {results['speedup']:.2f}x")
@@ -111,10 +116,10 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
     half = num_steps // 2
     nb = prompts * branch_group_size
     report(f"full SDE, G={branch_group_size}, window {half}",
-           _time(lambda: sample(pipe, texts, group_size=branch_group_size, decode=False, window=RandomWindow(half),
+           _time(lambda: sample(model, texts, group_size=branch_group_size, decode=False, window=RandomWindow(half),
                                 **common), device, repeats), nb)
     report(f"branch at {half}, G={branch_group_size}",
-           _time(lambda: sample(pipe, texts, group_size=branch_group_size, decode=False, window=Branch(half),
+           _time(lambda: sample(model, texts, group_size=branch_group_size, decode=False, window=Branch(half),
                                 **common), device, repeats), nb)
     results["branch_speedup"] = results[f"branch at {half}, G={branch_group_size}"] / \
         results[f"full SDE, G={branch_group_size}, window {half}"]

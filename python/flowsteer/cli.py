@@ -80,10 +80,10 @@ def _bench(args) -> int:
         torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = tiny_sd3_pipeline(0).to(args.device)
     print(f"rollout benchmark: tiny SD3 transformer with random weights, {args.prompts} prompts x {args.group_size}, "
-          f"{args.steps} steps, {args.size}px, CFG 4.5, device {args.device}")
+          f"{args.steps} steps, {args.size}px, {args.max_sequence_length} T5 tokens, CFG 4.5, device {args.device}")
     results = bench_rollout(pipe, prompts=args.prompts, group_size=args.group_size, num_steps=args.steps,
                             height=args.size, width=args.size, compile=args.compile,
-                            branch_group_size=args.branch_group_size)
+                            branch_group_size=args.branch_group_size, max_sequence_length=args.max_sequence_length)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     bench.add_argument("--branch-group-size", type=int, default=24)
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--size", type=int, default=32, help="image height and width in pixels")
+    bench.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (SD3's default 256)")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
     bench.add_argument("--compile", action="store_true", help="also time flowsteer.sample(compile=True)")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
