@@ -130,3 +130,30 @@ def test_bad_prompts_and_models():
         flowsteer.sample(FakePipeline(), ["a"])
     with pytest.raises(ValueError, match="needs latent_shape"):
         flowsteer.sample(velocity, ["a"], latent_shape=())
+
+
+def test_no_host_sync_inside_the_step_loop():
+    """No .item(), bool() or other tensor-to-host read between the first and last model call:
+    every aten._local_scalar_dense (what a device sync would be on a GPU) is recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    events = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                events.append("sync")
+            return func(*args, **(kwargs or {}))
+
+    def recording_velocity(x, sigma, cond):
+        events.append("model")
+        return velocity(x, sigma, cond)
+
+    guidance = torch.randn((12,) + SHAPE)
+    with Record():
+        flowsteer.sample(recording_velocity, ["a", "b", "c"], group_size=4, num_steps=6, latent_shape=SHAPE,
+                         cond=TARGETS, decode=False, seed=3, window=Branch(2),
+                         reward_grad=lambda x, s, p: guidance[: x.shape[0]])
+    first, last = events.index("model"), len(events) - 1 - events[::-1].index("model")
+    assert events.count("model") == 6
+    assert "sync" not in events[first:last], events
