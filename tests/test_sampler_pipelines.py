@@ -92,3 +92,14 @@ def test_sd35_medium_benchmark_pipeline_wiring():
                          encoder_hidden_states=torch.cat([ne, pe]), pooled_projections=torch.cat([npool, pp]),
                          return_dict=False)[0]
     assert v.shape == (4, 16, 64, 64)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_rollout_ratio_is_one(name):
+    build, size, cfg = CASES[name]
+    pipe = build(0, dtype=torch.bfloat16)
+    r = flowsteer.sample(pipe, PROMPTS, group_size=2, num_steps=2, guidance_scale=cfg, seed=1, decode=False, **size)
+    assert r.next_latents.dtype == (torch.float32 if name == "wan" else torch.bfloat16)  # Wan keeps fp32 latents
+    with torch.no_grad():
+        lp, _ = flowsteer.evaluate(r, 0)
+    assert torch.isfinite(r.log_probs).all() and torch.equal(lp, r.log_probs[:, 0])
