@@ -22,9 +22,12 @@ LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 def _per_sample(value: Scalar, like: torch.Tensor) -> torch.Tensor:
     """A scalar or [B] tensor as a [B, 1, ..., 1] tensor in like's dtype and device."""
-    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if t.ndim == 0:
-        t = t.expand(like.shape[0])
+    if isinstance(value, torch.Tensor):
+        t = value.to(dtype=like.dtype, device=like.device)
+        if t.ndim == 0:
+            t = t.expand(like.shape[0])
+    else:  # a fill, not a host-to-device copy, so that the reference can be captured in a CUDA graph
+        t = torch.full((like.shape[0],), float(value), dtype=like.dtype, device=like.device)
     return t.reshape(-1, *([1] * (like.ndim - 1)))
 
 
