@@ -17,6 +17,8 @@ namespace cpu {
 void sde_forward(const SdeForwardArgs& a);
 void sde_backward(const SdeBackwardArgs& a);
 void group_advantages(const GroupAdvantageArgs& a);
+void win_rate(const WinRateArgs& a);
+void pareto_mask(const ParetoArgs& a);
 void philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset);
 const char* isa();
 }  // namespace cpu
@@ -25,6 +27,8 @@ namespace cuda {
 void sde_forward(const SdeForwardArgs& a, void* stream);
 void sde_backward(const SdeBackwardArgs& a, void* stream);
 void group_advantages(const GroupAdvantageArgs& a, void* stream);
+void win_rate(const WinRateArgs& a, void* stream);
+void pareto_mask(const ParetoArgs& a, void* stream);
 void philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset, void* stream);
 int device_count();
 }  // namespace cuda
@@ -171,6 +175,32 @@ GroupAdvantageArgs advantage_args(const py::kwargs& kw) {
   return a;
 }
 
+WinRateArgs win_rate_args(const py::kwargs& kw) {
+  Kw k(kw, "win_rate", {"prefs", "out", "m", "g", "stream"});
+  WinRateArgs a;
+  a.prefs = k.ptr<const float>("prefs", true);
+  a.out = k.ptr<float>("out", true);
+  a.m = k.required<int64_t>("m");
+  a.g = k.required<int64_t>("g");
+  if (a.m < 0 || a.g < 2) throw std::invalid_argument("win_rate: need m >= 0 and g >= 2");
+  return a;
+}
+
+ParetoArgs pareto_args(const py::kwargs& kw) {
+  Kw k(kw, "pareto_mask", {"rewards", "group_ids", "order", "offsets", "num_groups", "out", "n", "k", "stream"});
+  ParetoArgs a;
+  a.rewards = k.ptr<const float>("rewards", true);
+  a.group_ids = k.ptr<const int64_t>("group_ids");
+  a.order = k.ptr<const int64_t>("order");
+  a.offsets = k.ptr<const int64_t>("offsets");
+  a.num_groups = k.get<int64_t>("num_groups", 0);
+  a.out = k.ptr<uint8_t>("out", true);
+  a.n = k.required<int64_t>("n");
+  a.k = k.required<int64_t>("k");
+  if (a.n < 0 || a.k < 1) throw std::invalid_argument("pareto_mask: need n >= 0 and k >= 1");
+  return a;
+}
+
 void* stream_of(const py::kwargs& kw) {
   if (!kw.contains("stream") || kw["stream"].is_none()) return nullptr;
   return reinterpret_cast<void*>(kw["stream"].cast<uintptr_t>());
@@ -204,6 +234,17 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     cpu::group_advantages(a);
   });
+  m.def("win_rate_cpu", [](py::kwargs kw) {
+    const WinRateArgs a = win_rate_args(kw);
+    py::gil_scoped_release release;
+    cpu::win_rate(a);
+  });
+  m.def("pareto_mask_cpu", [](py::kwargs kw) {
+    const ParetoArgs a = pareto_args(kw);
+    if (!a.group_ids) throw std::invalid_argument("pareto_mask: 'group_ids' is required on the CPU");
+    py::gil_scoped_release release;
+    cpu::pareto_mask(a);
+  });
   m.def(
       "philox_normal_cpu",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset) {
@@ -231,6 +272,12 @@ PYBIND11_MODULE(_C, m) {
     if (!a.order || !a.offsets) throw std::invalid_argument("group_advantages: 'order' and 'offsets' are required on CUDA");
     cuda::group_advantages(a, stream_of(kw));
   });
+  m.def("win_rate_cuda", [](py::kwargs kw) { cuda::win_rate(win_rate_args(kw), stream_of(kw)); });
+  m.def("pareto_mask_cuda", [](py::kwargs kw) {
+    const ParetoArgs a = pareto_args(kw);
+    if (!a.order || !a.offsets) throw std::invalid_argument("pareto_mask: 'order' and 'offsets' are required on CUDA");
+    cuda::pareto_mask(a, stream_of(kw));
+  });
   m.def(
       "philox_normal_cuda",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, uintptr_t stream) {
@@ -244,6 +291,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("sde_forward_cuda", [](py::kwargs) { no_cuda(); });
   m.def("sde_backward_cuda", [](py::kwargs) { no_cuda(); });
   m.def("group_advantages_cuda", [](py::kwargs) { no_cuda(); });
+  m.def("win_rate_cuda", [](py::kwargs) { no_cuda(); });
+  m.def("pareto_mask_cuda", [](py::kwargs) { no_cuda(); });
   m.def("philox_normal_cuda", [](py::args, py::kwargs) { no_cuda(); });
 #endif
 }

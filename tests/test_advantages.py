@@ -83,18 +83,26 @@ def test_large(kernel_backend, n, groups):
     assert_close("advantages", got, want, ulps=64)
 
 
-def test_win_rate():
+def test_win_rate(backend):
+    name, device = backend
     prefs = torch.tensor([[[0.0, 1.0, 0.5], [0.0, 0.0, float("nan")], [0.5, 1.0, 0.0]]])
-    got = win_rate(prefs)
+    got = win_rate(prefs.to(device)).cpu()
     assert torch.allclose(got, torch.tensor([[0.75, 0.25, 0.75]]))
-    assert torch.equal(win_rate(prefs[0]), got[0])
+    assert torch.equal(win_rate(prefs[0].to(device)).cpu(), got[0])
+    g = torch.Generator().manual_seed(3)
+    big = torch.randint(0, 3, (7, 21, 21), generator=g).float() / 2
+    big[big == 1.0] = float("nan")  # unparseable answers
+    assert_close("win_rate", win_rate(big.to(device)), R.win_rate(big.double()), ulps=8)
 
 
-def test_pareto_mask():
+@pytest.mark.parametrize("k,groups", [(2, 5), (3, 1), (1, 40)])
+def test_pareto_mask(backend, k, groups):
+    name, device = backend
     g = torch.Generator().manual_seed(4)
-    r = torch.rand(60, 2, generator=g).round(decimals=1)  # ties included
-    ids = torch.randint(0, 5, (60,), generator=g)
-    assert torch.equal(pareto_mask(r, ids), R.pareto_mask(r, ids))
+    r = torch.rand(60, k, generator=g).round(decimals=1)  # ties included
+    ids = torch.randint(0, groups, (60,), generator=g) * 7 - 3
+    got = pareto_mask(r.to(device), ids.to(device)).cpu()
+    assert got.dtype == torch.bool and torch.equal(got, R.pareto_mask(r, ids))
 
 
 def test_grpo_loss_matches_reference_and_stats():

@@ -59,3 +59,12 @@ def test_torch_compile_fullgraph():
     eager = step(v, x, prev)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(v, x, prev)
     assert torch.equal(eager, compiled)
+
+
+def test_opcheck_win_rate_and_pareto_mask(backend):
+    name, device = backend
+    prefs = (torch.randint(0, 3, (3, 5, 5)).float() / 2).to(device)
+    torch.library.opcheck(adv_mod._win_rate_op, (prefs,))
+    r = torch.rand(30, 2).to(device)
+    ids = torch.randint(0, 4, (30,)).to(device)
+    torch.library.opcheck(adv_mod._pareto_mask_op, (r, ids))

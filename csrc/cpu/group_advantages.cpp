@@ -84,5 +84,34 @@ void group_advantages(const GroupAdvantageArgs& a) {
   }
 }
 
+void win_rate(const WinRateArgs& a) {
+#pragma omp parallel for schedule(static) if (a.m * a.g * a.g >= 32768)
+  for (int64_t m = 0; m < a.m; ++m) {
+    for (int64_t i = 0; i < a.g; ++i) {
+      const float* row = a.prefs + (m * a.g + i) * a.g;
+      float sum = 0.0f;
+      for (int64_t j = 0; j < a.g; ++j)
+        if (j != i) sum += pref_outcome(row[j]);
+      a.out[m * a.g + i] = sum / float(a.g - 1);
+    }
+  }
+}
+
+void pareto_mask(const ParetoArgs& a) {
+  std::vector<int64_t> order, offsets;
+  build_segments(a.group_ids, a.n, order, offsets);
+  const int64_t groups = int64_t(offsets.size()) - 1;
+#pragma omp parallel for schedule(dynamic, 16) if (a.n * a.k >= 32768)
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t s = offsets[size_t(g)]; s < offsets[size_t(g + 1)]; ++s) {
+      const int64_t i = order[size_t(s)];
+      bool dominated = false;
+      for (int64_t t = offsets[size_t(g)]; t < offsets[size_t(g + 1)] && !dominated; ++t)
+        dominated = dominates(a.rewards + order[size_t(t)] * a.k, a.rewards + i * a.k, a.k);
+      a.out[i] = dominated ? 0 : 1;
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace flowsteer

@@ -91,7 +91,52 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(const GroupA
   }
 }
 
+// One thread per (m, i): the mean of row i of prefs[m] without its diagonal, summed in j order
+// as the CPU does.
+__global__ void win_rate_kernel(const WinRateArgs a) {
+  const int64_t total = a.m * a.g;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < total; r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = r % a.g;
+    const float* row = a.prefs + r * a.g;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < a.g; ++j)
+      if (j != i) sum += pref_outcome(row[j]);
+    a.out[r] = sum / float(a.g - 1);
+  }
+}
+
+// One thread per sorted position s: its group is found by binary search in offsets, then every
+// member of the group is tested for dominance, as the CPU does.
+__global__ void pareto_kernel(const ParetoArgs a) {
+  for (int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; s < a.n; s += int64_t(gridDim.x) * blockDim.x) {
+    int64_t lo = 0, hi = a.num_groups;  // find g with offsets[g] <= s < offsets[g + 1]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (a.offsets[mid] <= s) lo = mid; else hi = mid;
+    }
+    const int64_t i = a.order[s];
+    bool dominated = false;
+    for (int64_t t = a.offsets[lo]; t < a.offsets[lo + 1] && !dominated; ++t)
+      dominated = dominates(a.rewards + a.order[t] * a.k, a.rewards + i * a.k, a.k);
+    a.out[i] = dominated ? 0 : 1;
+  }
+}
+
 }  // namespace
+
+void win_rate(const WinRateArgs& a, void* stream) {
+  if (a.m <= 0) return;
+  const int64_t grid = std::min((a.m * a.g + kThreads - 1) / kThreads, kMaxGrid);
+  win_rate_kernel<<<unsigned(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  check_launch("win_rate");
+}
+
+void pareto_mask(const ParetoArgs& a, void* stream) {
+  if (a.n <= 0 || a.num_groups <= 0) return;
+  const int64_t grid = std::min((a.n + kThreads - 1) / kThreads, kMaxGrid);
+  pareto_kernel<<<unsigned(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  check_launch("pareto_mask");
+}
 
 void group_advantages(const GroupAdvantageArgs& a, void* stream) {
   if (a.n <= 0 || a.num_groups <= 0) return;

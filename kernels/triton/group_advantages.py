@@ -108,3 +108,54 @@ def group_advantages(*, rewards, order, offsets, weights, global_std, out, std_m
         k, float(eps), float(clip),
         STD_MODE=int(std_mode), BLOCK=block, KP=kp, num_warps=4, enable_fp_fusion=False,
     )
+
+
+@triton.jit
+def _win_rate_kernel(prefs_ptr, out_ptr, G, BG: tl.constexpr):
+    # One program per group m: row i of prefs[m] without its diagonal, NaN counted as a tie.
+    m = tl.program_id(0)
+    i = tl.arange(0, BG)
+    j = tl.arange(0, BG)
+    ok = (i[:, None] < G) & (j[None, :] < G) & (i[:, None] != j[None, :])
+    p = tl.load(prefs_ptr + m * G * G + i[:, None] * G + j[None, :], mask=ok, other=0.0)
+    p = tl.where(p != p, 0.5, p)
+    total = tl.sum(tl.where(ok, p, 0.0), axis=1)
+    tl.store(out_ptr + m * G + i, total / (G - 1).to(tl.float32), mask=i < G)
+
+
+def win_rate(*, prefs, out) -> None:
+    """out[m, i] = mean over j != i of prefs[m, i, j], NaN counted as 0.5. prefs fp32 [M, G, G]."""
+    m, g, _ = prefs.shape
+    if m == 0:
+        return
+    _win_rate_kernel[(m,)](prefs, out, g, BG=max(16, triton.next_power_of_2(g)), num_warps=4)
+
+
+@triton.jit
+def _pareto_kernel(rewards_ptr, order_ptr, offsets_ptr, out_ptr, K, BS: tl.constexpr):
+    # One program per group: all pairs (i, j) of the group at once, column by column.
+    group = tl.program_id(0)
+    s0 = tl.load(offsets_ptr + group)
+    s1 = tl.load(offsets_ptr + group + 1)
+    r = tl.arange(0, BS)
+    ok = s0 + r < s1
+    sample = tl.load(order_ptr + s0 + r, mask=ok, other=0)
+    all_ge = ok[:, None] & ok[None, :]  # [i, j]: j >= i so far
+    any_gt = tl.zeros([BS, BS], tl.int1)
+    for k in range(K):
+        x = tl.load(rewards_ptr + sample * K + k, mask=ok, other=0.0)
+        all_ge = all_ge & (x[None, :] >= x[:, None])
+        any_gt = any_gt | (x[None, :] > x[:, None])
+    dominated = tl.max((all_ge & any_gt).to(tl.int32), axis=1)
+    tl.store(out_ptr + sample, (1 - dominated).to(tl.uint8), mask=ok)
+
+
+def pareto_mask(*, rewards, order, offsets, out, max_group: int) -> None:
+    """out[i] = 1 where no sample of i's group dominates it. rewards fp32 [N, K]; order, offsets as
+    in group_advantages; out uint8 [N]; max_group: the largest group's size."""
+    num_groups = offsets.numel() - 1
+    n, k = rewards.shape
+    if num_groups <= 0 or n == 0:
+        return
+    _pareto_kernel[(num_groups,)](rewards, order, offsets, out, k, BS=max(16, triton.next_power_of_2(max_group)),
+                                  num_warps=4)

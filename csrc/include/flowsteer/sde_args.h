@@ -93,4 +93,25 @@ struct GroupAdvantageArgs {
   float clip = 5.0f;  // <= 0: no clip
 };
 
+// Pref-GRPO win rates: out[m, i] = mean over j != i of prefs[m, i, j] (NaN counts as 0.5).
+struct WinRateArgs {
+  const float* prefs = nullptr;  // [m, g, g]
+  float* out = nullptr;          // [m, g]
+  int64_t m = 0;
+  int64_t g = 0;
+};
+
+// Pareto mask: out[i] = 1 where no sample of i's group dominates it. Segments as in
+// GroupAdvantageArgs (the CPU builds them from group_ids; the GPU takes order and offsets).
+struct ParetoArgs {
+  const float* rewards = nullptr;      // [n, k]
+  const int64_t* group_ids = nullptr;  // [n] (CPU)
+  const int64_t* order = nullptr;      // [n] (GPU)
+  const int64_t* offsets = nullptr;    // [num_groups + 1] (GPU)
+  int64_t num_groups = 0;
+  uint8_t* out = nullptr;              // [n]
+  int64_t n = 0;
+  int64_t k = 0;
+};
+
 }  // namespace flowsteer

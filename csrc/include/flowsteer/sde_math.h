@@ -83,4 +83,17 @@ FS_HD float zscore_term(float r, double mean, double group_std, float global_std
 
 FS_HD float clip_advantage(float a, float clip) { return clip > 0.0f ? fminf(fmaxf(a, -clip), clip) : a; }
 
+// A pairwise judge's outcome as a reward: an unparseable answer (NaN) is a tie.
+FS_HD float pref_outcome(float p) { return p != p ? 0.5f : p; }
+
+// Whether reward row b dominates row a: >= in every column and > in at least one.
+FS_HD bool dominates(const float* b, const float* a, int64_t k) {
+  bool strictly = false;
+  for (int64_t c = 0; c < k; ++c) {
+    if (b[c] < a[c]) return false;
+    strictly = strictly || b[c] > a[c];
+  }
+  return strictly;
+}
+
 }  // namespace flowsteer

@@ -271,9 +271,7 @@ def group_zscore(backend: str, rewards: Tensor, group_ids: Tensor, weights: Tens
             global_std=global_std.data_ptr(), out=out.data_ptr(), n=n, k=k, std_mode=std_mode, eps=eps, clip=clip)
         return out
     # GPU: the segments come from torch (a sort); the kernel then normalises every group in one launch.
-    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    order, offsets, counts = _segments(group_ids)
     if backend == "triton":
         _backend.triton_module("group_advantages").group_advantages(
             rewards=rewards, order=order, offsets=offsets, weights=weights, global_std=global_std, out=out,
@@ -284,4 +282,72 @@ def group_zscore(backend: str, rewards: Tensor, group_ids: Tensor, weights: Tens
                 rewards=rewards.data_ptr(), order=order.data_ptr(), offsets=offsets.data_ptr(),
                 num_groups=counts.numel(), weights=weights.data_ptr(), global_std=global_std.data_ptr(),
                 out=out.data_ptr(), n=n, k=k, std_mode=std_mode, eps=eps, clip=clip, stream=_stream(rewards.device))
+    return out
+
+
+def _segments(group_ids: Tensor):
+    """(order, offsets, counts): sample indices grouped by id (stable), and where each group starts."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return order, offsets, counts
+
+
+def win_rate(backend: str, prefs: Tensor) -> Tensor:
+    """prefs fp32 [M, G, G] -> fp32 [M, G]."""
+    m, g, _ = prefs.shape
+    out = _empty(m, g, like=prefs, dtype=torch.float32)
+    if backend == "torch":
+        out.copy_(reference.win_rate(prefs))
+    elif backend == "triton":
+        _backend.triton_module("group_advantages").win_rate(prefs=prefs, out=out)
+    elif backend == "cpu":
+        _backend.extension().win_rate_cpu(prefs=prefs.data_ptr(), out=out.data_ptr(), m=m, g=g)
+    else:
+        with torch.cuda.device(prefs.device):
+            _backend.extension().win_rate_cuda(prefs=prefs.data_ptr(), out=out.data_ptr(), m=m, g=g,
+                                               stream=_stream(prefs.device))
+    return out
+
+
+def _torch_pareto(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """The reference's pareto_mask vectorised over groups (padded to the largest group S: memory
+    G * S^2 * K), for the torch backend; the reference itself loops over pairs in Python."""
+    order, offsets, counts = _segments(group_ids)
+    g_of = torch.repeat_interleave(torch.arange(counts.numel(), device=rewards.device), counts)
+    rank = torch.arange(rewards.shape[0], device=rewards.device) - offsets[:-1][g_of]
+    padded = torch.full((counts.numel(), int(counts.max()), rewards.shape[1]), float("-inf"), device=rewards.device)
+    padded[g_of, rank] = rewards[order]
+    valid = torch.zeros(padded.shape[:2], dtype=torch.bool, device=rewards.device)
+    valid[g_of, rank] = True
+    # dominates[g, i, j]: sample j dominates sample i.
+    ge = (padded[:, None, :, :] >= padded[:, :, None, :]).all(dim=-1)
+    gt = (padded[:, None, :, :] > padded[:, :, None, :]).any(dim=-1)
+    dominated = (ge & gt & valid[:, None, :]).any(dim=-1)
+    mask = torch.empty(rewards.shape[0], dtype=torch.uint8, device=rewards.device)
+    mask[order] = (~dominated[g_of, rank]).to(torch.uint8)
+    return mask
+
+
+def pareto_mask(backend: str, rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """rewards fp32 [N, K], group_ids int64 [N] -> uint8 [N] (1: not dominated within its group)."""
+    n, k = rewards.shape
+    out = torch.full((n,), 255, dtype=torch.uint8, device=rewards.device) if POISON_OUTPUTS else \
+        torch.empty(n, dtype=torch.uint8, device=rewards.device)
+    if backend == "torch":
+        out.copy_(_torch_pareto(rewards, group_ids))
+        return out
+    if backend == "cpu":
+        _backend.extension().pareto_mask_cpu(rewards=rewards.data_ptr(), group_ids=group_ids.data_ptr(),
+                                             out=out.data_ptr(), n=n, k=k)
+        return out
+    order, offsets, counts = _segments(group_ids)
+    if backend == "triton":
+        _backend.triton_module("group_advantages").pareto_mask(rewards=rewards, order=order, offsets=offsets, out=out,
+                                                                max_group=int(counts.max()))
+    else:
+        with torch.cuda.device(rewards.device):
+            _backend.extension().pareto_mask_cuda(rewards=rewards.data_ptr(), order=order.data_ptr(),
+                                                  offsets=offsets.data_ptr(), num_groups=counts.numel(),
+                                                  out=out.data_ptr(), n=n, k=k, stream=_stream(rewards.device))
     return out

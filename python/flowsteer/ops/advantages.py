@@ -25,6 +25,26 @@ def _(rewards, group_ids, weights, global_std, std_mode, eps, clip):
     return rewards.new_empty(rewards.shape[0], dtype=torch.float32)
 
 
+@torch.library.custom_op("flowsteer::win_rate", mutates_args=())
+def _win_rate_op(prefs: Tensor) -> Tensor:
+    return _launch.win_rate(_backend.resolve(prefs.device), prefs)
+
+
+@_win_rate_op.register_fake
+def _(prefs):
+    return prefs.new_empty(prefs.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("flowsteer::pareto_mask", mutates_args=())
+def _pareto_mask_op(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    return _launch.pareto_mask(_backend.resolve(rewards.device), rewards, group_ids)
+
+
+@_pareto_mask_op.register_fake
+def _(rewards, group_ids):
+    return rewards.new_empty(rewards.shape[0], dtype=torch.uint8)
+
+
 def _check_rewards(rewards: Tensor, group_ids: Tensor) -> Tensor:
     check_tensor("rewards", rewards, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), contiguous=False)
     if rewards.ndim not in (1, 2):
@@ -117,29 +137,14 @@ def win_rate(prefs: Tensor) -> Tensor:
     known = p[~torch.isnan(p)]
     if known.numel() and bool(((known < 0) | (known > 1)).any()):
         raise ValueError("prefs must hold outcomes in [0, 1] (1 win, 0 loss, 0.5 tie) or NaN")
-    return reference.win_rate(p)
+    out = _win_rate_op(p.reshape(-1, p.shape[-1], p.shape[-1]).contiguous())
+    return out.reshape(p.shape[:-1])
 
 
 def pareto_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
     """bool [N]: True where no sample of the same group dominates (>= in every reward, > in one).
 
-    rewards: [N, K]; group_ids: [N]. Vectorised over groups (memory G * S^2 * K for S the largest group).
+    rewards: [N] or [N, K]; group_ids: [N]. One segmented pass: O(S^2 K) work per group of S.
     """
     r = _check_rewards(rewards, group_ids)
-    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    offsets = torch.cumsum(counts, 0) - counts
-    g_of = inverse[order]
-    rank = torch.arange(r.shape[0], device=r.device) - offsets[g_of]
-    groups, size = counts.numel(), int(counts.max())
-    padded = torch.full((groups, size, r.shape[1]), float("-inf"), device=r.device)
-    padded[g_of, rank] = r[order]
-    valid = torch.zeros(groups, size, dtype=torch.bool, device=r.device)
-    valid[g_of, rank] = True
-    # dominates[g, i, j]: sample j dominates sample i.
-    ge = (padded[:, None, :, :] >= padded[:, :, None, :]).all(dim=-1)
-    gt = (padded[:, None, :, :] > padded[:, :, None, :]).any(dim=-1)
-    dominated = (ge & gt & valid[:, None, :]).any(dim=-1)
-    mask = torch.empty(r.shape[0], dtype=torch.bool, device=r.device)
-    mask[order] = ~dominated[g_of, rank]
-    return mask
+    return _pareto_mask_op(r.contiguous(), group_ids.to(torch.int64).contiguous()).bool()
