@@ -53,7 +53,7 @@ def main() -> int:
     import torch
 
     import flowsteer
-    from flowsteer.ops import reference as R
+    from flowsteer.ops import _launch, reference as R
 
     device = torch.device(args.device)
     info = flowsteer.backend_info()
@@ -182,6 +182,16 @@ def main() -> int:
         e = max_rel(got, want)
         RESULTS["checks"].append(dict(backend=name, op="group_advantages", err=e, ok=e < 1e-5))
         log(f"check {name:6s} group_advantages rel err {e:.1e} {'ok' if e < 1e-5 else 'FAIL'}")
+        prefs = (torch.randint(0, 3, (9, 12, 12), generator=g).float() / 2)
+        e = max_rel(flowsteer.ops.win_rate(prefs.to(device)), R.win_rate(prefs.double()))
+        # Compared with the torch backend's vectorised statement (tested against the reference's
+        # pairwise loop in tests/test_advantages.py, which is too slow at this size).
+        same = bool(torch.equal(flowsteer.ops.pareto_mask(rw.to(device), ids.to(device)).cpu(),
+                                _launch._torch_pareto(rw, ids).bool()))
+        ok = e < 1e-6 and same
+        RESULTS["checks"].append(dict(backend=name, op="win_rate+pareto_mask", err=e, pareto_equal=same, ok=ok))
+        log(f"check {name:6s} win_rate rel err {e:.1e}, pareto_mask {'equal' if same else 'DIFFERENT'} "
+            f"{'ok' if ok else 'FAIL'}")
         z = flowsteer.ops.philox_normal((1 << 20,), 3, 0, device=device).double().cpu()
         log(f"check {name:6s} philox noise: mean {float(z.mean()):+.1e} var {float(z.var()):.4f}")
     flowsteer.set_backend("auto")
