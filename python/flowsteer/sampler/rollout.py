@@ -135,13 +135,13 @@ def sample(
         sigmas, timesteps = adapter.schedule(num_steps, x)
         plan = win.plan(num_steps, iteration, plan_gen)
         branch_at = plan.branch_at
-        rows = prompt_index
+        rows = prompt_index_dev  # the prompt of each row of x
         if branch_at is not None:
             if G < 2:
                 raise ValueError("branch mode needs group_size >= 2")
             x = x[::G].contiguous()  # one trajectory per prompt until the branch step
-            rows = torch.arange(P)
-        inputs = adapter.model_inputs(cond_p, rows.to(device), guidance_scale)
+            rows = torch.arange(P, device=device)
+        inputs = adapter.model_inputs(cond_p, rows, guidance_scale)
         # A stochastic step with std 0 (cps onto sigma = 0) has no log-prob: run it as ODE.
         stochastic = [s and not (kind == "cps" and sigmas[i + 1] == 0.0) and noise_level > 0 and kind != "ode"
                       for i, s in enumerate(plan.stochastic)]
@@ -151,13 +151,14 @@ def sample(
         for i in range(num_steps):
             if branch_at is not None and i == branch_at:
                 x = x.repeat_interleave(G, 0)
-                inputs = adapter.model_inputs(cond_p, prompt_index_dev, guidance_scale)
+                rows = prompt_index_dev
+                inputs = adapter.model_inputs(cond_p, rows, guidance_scale)
             # Transformers often return a permuted view; the fused step reads contiguous memory.
             v = adapter.velocity(x, i, timesteps, sigmas[i], inputs, guidance_scale).contiguous()
             if stochastic[i]:
                 guidance = None
                 if reward_grad is not None:
-                    guidance = reward_grad(x, sigmas[i], prompt_index_dev[: x.shape[0]])
+                    guidance = reward_grad(x, sigmas[i], rows)
                     if not torch.is_tensor(guidance) or guidance.shape != x.shape:
                         raise ValueError(f"reward_grad returned {getattr(guidance, 'shape', type(guidance).__name__)} "
                                          f"for latents of shape {tuple(x.shape)}; it must return a tensor of the same shape")
