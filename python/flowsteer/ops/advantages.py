@@ -13,11 +13,13 @@ from ._launch import STD_MODE
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("flowsteer::group_zscore", mutates_args=())
-def _group_zscore_op(rewards: Tensor, group_ids: Tensor, weights: Tensor, global_std: Tensor, std_mode: int,
-                     eps: float, clip: float) -> Tensor:
+def _group_zscore_impl(rewards: Tensor, group_ids: Tensor, weights: Tensor, global_std: Tensor, std_mode: int,
+                       eps: float, clip: float) -> Tensor:
     return _launch.group_zscore(_backend.resolve(rewards.device), rewards, group_ids, weights, global_std, std_mode,
                                 eps, clip)
+
+
+_group_zscore_op = torch.library.custom_op("flowsteer::group_zscore", _group_zscore_impl, mutates_args=())
 
 
 @_group_zscore_op.register_fake
@@ -25,9 +27,11 @@ def _(rewards, group_ids, weights, global_std, std_mode, eps, clip):
     return rewards.new_empty(rewards.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("flowsteer::win_rate", mutates_args=())
-def _win_rate_op(prefs: Tensor) -> Tensor:
+def _win_rate_impl(prefs: Tensor) -> Tensor:
     return _launch.win_rate(_backend.resolve(prefs.device), prefs)
+
+
+_win_rate_op = torch.library.custom_op("flowsteer::win_rate", _win_rate_impl, mutates_args=())
 
 
 @_win_rate_op.register_fake
@@ -35,14 +39,22 @@ def _(prefs):
     return prefs.new_empty(prefs.shape[:2], dtype=torch.float32)
 
 
-@torch.library.custom_op("flowsteer::pareto_mask", mutates_args=())
-def _pareto_mask_op(rewards: Tensor, group_ids: Tensor) -> Tensor:
+def _pareto_mask_impl(rewards: Tensor, group_ids: Tensor) -> Tensor:
     return _launch.pareto_mask(_backend.resolve(rewards.device), rewards, group_ids)
+
+
+_pareto_mask_op = torch.library.custom_op("flowsteer::pareto_mask", _pareto_mask_impl, mutates_args=())
 
 
 @_pareto_mask_op.register_fake
 def _(rewards, group_ids):
     return rewards.new_empty(rewards.shape[0], dtype=torch.uint8)
+
+
+def _run(op, impl, *args):
+    """The registered op under torch.compile; its implementation, without the dispatcher, in eager
+    mode (these ops have no autograd to record, and the dispatcher's first call imports dynamo)."""
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 def _check_rewards(rewards: Tensor, group_ids: Tensor) -> Tensor:
@@ -115,8 +127,8 @@ def group_advantages(
     global_std = r.std(dim=0, unbiased=False)
     post_norm = mode == "per_reward" and batch_norm
     kernel_clip = float(clip) if (clip is not None and not post_norm) else 0.0
-    adv = _group_zscore_op(r.contiguous(), group_ids.to(torch.int64).contiguous(), w.contiguous(),
-                           global_std.contiguous(), STD_MODE[std], float(eps), kernel_clip)
+    adv = _run(_group_zscore_op, _group_zscore_impl, r.contiguous(), group_ids.to(torch.int64).contiguous(),
+               w.contiguous(), global_std.contiguous(), STD_MODE[std], float(eps), kernel_clip)
     if post_norm:
         adv = (adv - adv.mean()) / (adv.std(unbiased=False) + eps)
         if clip is not None:
@@ -137,7 +149,7 @@ def win_rate(prefs: Tensor) -> Tensor:
     known = p[~torch.isnan(p)]
     if known.numel() and bool(((known < 0) | (known > 1)).any()):
         raise ValueError("prefs must hold outcomes in [0, 1] (1 win, 0 loss, 0.5 tie) or NaN")
-    out = _win_rate_op(p.reshape(-1, p.shape[-1], p.shape[-1]).contiguous())
+    out = _run(_win_rate_op, _win_rate_impl, p.reshape(-1, p.shape[-1], p.shape[-1]).contiguous())
     return out.reshape(p.shape[:-1])
 
 
@@ -147,4 +159,4 @@ def pareto_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
     rewards: [N] or [N, K]; group_ids: [N]. One segmented pass: O(S^2 K) work per group of S.
     """
     r = _check_rewards(rewards, group_ids)
-    return _pareto_mask_op(r.contiguous(), group_ids.to(torch.int64).contiguous()).bool()
+    return _run(_pareto_mask_op, _pareto_mask_impl, r.contiguous(), group_ids.to(torch.int64).contiguous()).bool()

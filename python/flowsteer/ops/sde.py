@@ -58,8 +58,7 @@ def _(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_
     )
 
 
-@torch.library.custom_op("flowsteer::sde_step_backward", mutates_args=())
-def _sde_step_backward_op(
+def _sde_step_backward_impl(
     v: Tensor,
     x: Tensor,
     sample: Optional[Tensor],
@@ -84,6 +83,10 @@ def _sde_step_backward_op(
                                 grad_kl, grad_mean, grad_sample, kind, noise_level, sigma_max, lp_form, kl_form,
                                 bool(reduce_mean), bool(lp_guided), bool(want_grad_v), bool(want_grad_x),
                                 bool(want_grad_ref_v))
+
+
+_sde_step_backward_op = torch.library.custom_op("flowsteer::sde_step_backward", _sde_step_backward_impl,
+                                                mutates_args=())
 
 
 @_sde_step_backward_op.register_fake
@@ -114,7 +117,7 @@ def _present(g: Optional[Tensor]) -> Optional[Tensor]:
     return None if g is None or g.numel() == 0 else g.contiguous()
 
 
-def _backward(ctx, grad_sample, grad_mean, grad_log_prob, grad_std, grad_kl):
+def _backward(ctx, grad_sample, grad_mean, grad_log_prob, grad_std, grad_kl, backward_fn=None):
     v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v = ctx.saved_tensors
     want_v, want_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     want_ref = ctx.needs_input_grad[8] and ctx.has_kl
@@ -124,7 +127,7 @@ def _backward(ctx, grad_sample, grad_mean, grad_log_prob, grad_std, grad_kl):
     grad_mean = _present(grad_mean)
     if grad_log_prob is None and grad_kl is None and grad_sample is None and grad_mean is None:
         return (None,) * 11
-    gv, gx, gr = _sde_step_backward_op(
+    gv, gx, gr = (backward_fn or _sde_step_backward_op)(
         v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl,
         None if grad_mean is None else grad_mean.to(x.dtype), None if grad_sample is None else grad_sample.to(x.dtype),
         ctx.options + [int(want_v), int(want_x), int(want_ref)], ctx.scalars)
@@ -132,6 +135,24 @@ def _backward(ctx, grad_sample, grad_mean, grad_log_prob, grad_std, grad_kl):
 
 
 _sde_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SdeStepFunction(torch.autograd.Function):
+    """The same forward, context and backward as the registered op's autograd, for eager mode: it
+    avoids the dispatcher's per-call cost and its first-call import of torch._dynamo (about 4 s).
+    Under torch.compile the registered op runs instead, so tracers see one opaque op."""
+
+    @staticmethod
+    def forward(*args):
+        return _sde_step_impl(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads, backward_fn=_sde_step_backward_impl)
 
 
 # ------------------------------------------------------------------------------ public function
@@ -259,8 +280,10 @@ def sde_step(
     args = (v, x, sig, sig_next, noise if stochastic else None, None if prev_sample is None else prev_sample.detach(),
             guidance, guidance_coef, ref_v)
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, x, ref_v))
-    if differentiable or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         sample, mean, log_prob, std, kl_value = _sde_step_op(*args, options, scalars)
+    elif differentiable:
+        sample, mean, log_prob, std, kl_value = _SdeStepFunction.apply(*args, options, scalars)
     else:
         # Nothing to record for autograd or a tracer: skip the dispatcher (about 0.1 ms a call on a
         # 2-core CPU, which is most of a rollout step's overhead) and run the same implementation.
