@@ -26,22 +26,10 @@ from flowsteer.rewards import (  # noqa: E402
     PickScore,
 )
 from flowsteer.rewards import ocr as ocr_mod  # noqa: E402
+from flowsteer.testing.pipelines import _bytes_to_unicode  # noqa: E402
 
 IMAGE_SIZE = 32
 PROMPTS = ["a red circle", "two blue squares", "a red circle", "a green triangle left of a cat"]
-
-
-def _bytes_to_unicode():
-    """GPT-2/CLIP's byte-to-unicode table, so a vocabulary of single bytes covers any text."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +39,7 @@ def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     d = tmp_path_factory.mktemp("tiny_clip")
-    chars = _bytes_to_unicode()
+    chars = _bytes_to_unicode()  # the tiny pipelines' CLIP alphabet
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n")

@@ -141,9 +141,15 @@ def cfg_velocity(transformer, x: Tensor, guidance_scale: float, **inputs) -> Ten
 
 
 class _PipelineAdapter(ModelAdapter):
-    def __init__(self, pipe, compile: bool = False):
+    #: T5 tokens the pipeline's own __call__ uses by default
+    default_max_sequence_length = 256
+
+    def __init__(self, pipe, compile: bool = False, max_sequence_length: Optional[int] = None,
+                 negative_prompt: str = ""):
         self.pipe = pipe
         self.transformer = torch.compile(pipe.transformer) if compile else pipe.transformer
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.negative_prompt = negative_prompt
 
     @property
     def device(self):
@@ -156,11 +162,6 @@ class _PipelineAdapter(ModelAdapter):
 
 class SD3Adapter(_PipelineAdapter):
     """StableDiffusion3Pipeline (SD3, SD3.5): CLIP-L/G + T5 conditioning, CFG in one batch of 2B."""
-
-    def __init__(self, pipe, compile: bool = False, max_sequence_length: int = 256, negative_prompt: str = ""):
-        super().__init__(pipe, compile)
-        self.max_sequence_length = max_sequence_length
-        self.negative_prompt = negative_prompt
 
     def encode(self, prompts, guidance_scale):
         cfg = guidance_scale > 1.0
@@ -211,9 +212,7 @@ class FluxAdapter(_PipelineAdapter):
     sequence length. FLUX.1-dev is guidance-distilled: guidance_scale feeds the embedding, and
     there is no CFG batch."""
 
-    def __init__(self, pipe, compile: bool = False, max_sequence_length: int = 512):
-        super().__init__(pipe, compile)
-        self.max_sequence_length = max_sequence_length
+    default_max_sequence_length = 512
 
     def encode(self, prompts, guidance_scale):
         with torch.no_grad():
@@ -279,11 +278,7 @@ class WanAdapter(_PipelineAdapter):
     (the pipeline itself runs two forwards; the sum is the same up to rounding)."""
 
     modality = "video"
-
-    def __init__(self, pipe, compile: bool = False, max_sequence_length: int = 512, negative_prompt: str = ""):
-        super().__init__(pipe, compile)
-        self.max_sequence_length = max_sequence_length
-        self.negative_prompt = negative_prompt
+    default_max_sequence_length = 512
 
     def encode(self, prompts, guidance_scale):
         cfg = guidance_scale > 1.0
