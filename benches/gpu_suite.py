@@ -23,8 +23,16 @@ import time
 RESULTS: dict = {"checks": [], "timings": []}
 
 
+OUT_PATH = None
+
+
 def log(msg: str) -> None:
+    """Print at once and rewrite the JSON file, so a run cut off by its time limit keeps what it measured."""
     print(msg, flush=True)
+    if OUT_PATH:
+        with open(OUT_PATH + ".tmp", "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+        os.replace(OUT_PATH + ".tmp", OUT_PATH)
 
 
 def build() -> None:
@@ -43,8 +51,11 @@ def main() -> int:
     ap.add_argument("--small", action="store_true", help="small shapes (CPU runs)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--skip-rollout", action="store_true", help="skip the SD3.5-Medium rollout section (GPU)")
+    ap.add_argument("--rollout-only", action="store_true", help="only the rollout section (GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global OUT_PATH
+    OUT_PATH = args.out
     if args.build:
         build()
     if args.device == "cpu":
@@ -129,165 +140,169 @@ def main() -> int:
         times.sort()
         return times[len(times) // 2]
 
-    # ------------------------------------------------------------------ memory floor
-    n_copy = (1 << 26) if device.type == "cuda" else (1 << 23)
-    src = torch.empty(n_copy, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src))
-    bandwidth = 2 * src.numel() * 4 / t
-    RESULTS["copy_bandwidth_GBps"] = bandwidth / 1e9
-    log(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
-    del src, dst
+    def kernel_sections():
+        # ------------------------------------------------------------------ memory floor
+        n_copy = (1 << 26) if device.type == "cuda" else (1 << 23)
+        src = torch.empty(n_copy, dtype=torch.float32, device=device).normal_()
+        dst = torch.empty_like(src)
+        t = timeit(lambda: dst.copy_(src))
+        bandwidth = 2 * src.numel() * 4 / t
+        RESULTS["copy_bandwidth_GBps"] = bandwidth / 1e9
+        log(f"copy bandwidth: {bandwidth / 1e9:.0f} GB/s (read + write)")
+        del src, dst
 
-    # ------------------------------------------------------------------ correctness
-    def max_rel(a, b):
-        a, b = a.detach().double().cpu(), b.detach().double().cpu()
-        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+        # ------------------------------------------------------------------ correctness
+        def max_rel(a, b):
+            a, b = a.detach().double().cpu(), b.detach().double().cpu()
+            return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
-    check_shape = (3, 4, 7, 9)
-    g = torch.Generator().manual_seed(0)
-    v64, x64, z64, r64 = (torch.randn(check_shape, generator=g, dtype=torch.float64) for _ in range(4))
-    sig = torch.tensor([1.0, 0.6, 0.2], dtype=torch.float64)
-    sig_next = torch.tensor([0.95, 0.5, 0.001], dtype=torch.float64)
-    for name in backends:
-        flowsteer.set_backend(name)
-        for kind, nl in (("flow", 0.7), ("dance", 0.3), ("cps", 0.6)):
-            for dtype in (torch.float32, torch.bfloat16):
-                v, x, r = (t.to(dtype).to(device) for t in (v64, x64, r64))
-                noise = R.philox_normal(v.numel(), 5, 1).reshape(check_shape)
-                out = flowsteer.ops.sde_step(v, x, sig.float().to(device), sig_next.float().to(device), kind, nl, seed=5,
-                                             offset=1, sigma_max=0.95)
-                ref = R.sde_step(v.double().cpu(), x.double().cpu(), sig, sig_next, kind, nl, noise=noise, sigma_max=0.95)
-                e_sample = max_rel(out.prev_sample, ref["prev_sample"])
-                vg = v.clone().requires_grad_()
-                ev = flowsteer.ops.sde_step(vg, x, sig.float().to(device), sig_next.float().to(device), kind, nl,
-                                            prev_sample=out.prev_sample, sigma_max=0.95, ref_v=r)
-                (ev.log_prob.sum() + ev.kl.sum()).backward()
-                vr = v.double().cpu().requires_grad_()
-                rr = R.sde_step(vr, x.double().cpu(), sig, sig_next, kind, nl, prev_sample=out.prev_sample.double().cpu(),
-                                sigma_max=0.95, ref_v=r.double().cpu())
-                (rr["log_prob"].sum() + rr["kl"].sum()).backward()
-                e_lp, e_kl, e_g = max_rel(ev.log_prob, rr["log_prob"]), max_rel(ev.kl, rr["kl"]), max_rel(vg.grad, vr.grad)
-                worst = max(e_sample, e_lp, e_kl, e_g)
-                bound = 1e-5 if dtype == torch.float32 else 2e-2
-                ok = worst < bound
-                RESULTS["checks"].append(dict(backend=name, op="sde_step", kind=kind, dtype=str(dtype), sample=e_sample,
-                                              log_prob=e_lp, kl=e_kl, grad_v=e_g, ok=ok))
-                log(f"check {name:6s} sde_step {kind:5s} {str(dtype):14s} rel err: sample {e_sample:.1e} "
-                    f"log_prob {e_lp:.1e} kl {e_kl:.1e} grad_v {e_g:.1e} {'ok' if ok else 'FAIL'}")
-        rw = torch.rand(1000, 2, generator=g)
-        ids = torch.randint(0, 37, (1000,), generator=g)
-        got = flowsteer.ops.group_advantages(rw.to(device), ids.to(device), mode="per_reward")
-        want = R.group_advantages(rw.double(), ids, mode="per_reward")
-        e = max_rel(got, want)
-        RESULTS["checks"].append(dict(backend=name, op="group_advantages", err=e, ok=e < 1e-5))
-        log(f"check {name:6s} group_advantages rel err {e:.1e} {'ok' if e < 1e-5 else 'FAIL'}")
-        prefs = (torch.randint(0, 3, (9, 12, 12), generator=g).float() / 2)
-        e = max_rel(flowsteer.ops.win_rate(prefs.to(device)), R.win_rate(prefs.double()))
-        # Compared with the torch backend's vectorised statement (tested against the reference's
-        # pairwise loop in tests/test_advantages.py, which is too slow at this size).
-        same = bool(torch.equal(flowsteer.ops.pareto_mask(rw.to(device), ids.to(device)).cpu(),
-                                _launch._torch_pareto(rw, ids).bool()))
-        ok = e < 1e-6 and same
-        RESULTS["checks"].append(dict(backend=name, op="win_rate+pareto_mask", err=e, pareto_equal=same, ok=ok))
-        log(f"check {name:6s} win_rate rel err {e:.1e}, pareto_mask {'equal' if same else 'DIFFERENT'} "
-            f"{'ok' if ok else 'FAIL'}")
-        z = flowsteer.ops.philox_normal((1 << 20,), 3, 0, device=device).double().cpu()
-        log(f"check {name:6s} philox noise: mean {float(z.mean()):+.1e} var {float(z.var()):.4f}")
-    flowsteer.set_backend("auto")
+        check_shape = (3, 4, 7, 9)
+        g = torch.Generator().manual_seed(0)
+        v64, x64, z64, r64 = (torch.randn(check_shape, generator=g, dtype=torch.float64) for _ in range(4))
+        sig = torch.tensor([1.0, 0.6, 0.2], dtype=torch.float64)
+        sig_next = torch.tensor([0.95, 0.5, 0.001], dtype=torch.float64)
+        for name in backends:
+            flowsteer.set_backend(name)
+            for kind, nl in (("flow", 0.7), ("dance", 0.3), ("cps", 0.6)):
+                for dtype in (torch.float32, torch.bfloat16):
+                    v, x, r = (t.to(dtype).to(device) for t in (v64, x64, r64))
+                    noise = R.philox_normal(v.numel(), 5, 1).reshape(check_shape)
+                    out = flowsteer.ops.sde_step(v, x, sig.float().to(device), sig_next.float().to(device), kind, nl, seed=5,
+                                                 offset=1, sigma_max=0.95)
+                    ref = R.sde_step(v.double().cpu(), x.double().cpu(), sig, sig_next, kind, nl, noise=noise, sigma_max=0.95)
+                    e_sample = max_rel(out.prev_sample, ref["prev_sample"])
+                    vg = v.clone().requires_grad_()
+                    ev = flowsteer.ops.sde_step(vg, x, sig.float().to(device), sig_next.float().to(device), kind, nl,
+                                                prev_sample=out.prev_sample, sigma_max=0.95, ref_v=r)
+                    (ev.log_prob.sum() + ev.kl.sum()).backward()
+                    vr = v.double().cpu().requires_grad_()
+                    rr = R.sde_step(vr, x.double().cpu(), sig, sig_next, kind, nl, prev_sample=out.prev_sample.double().cpu(),
+                                    sigma_max=0.95, ref_v=r.double().cpu())
+                    (rr["log_prob"].sum() + rr["kl"].sum()).backward()
+                    e_lp, e_kl, e_g = max_rel(ev.log_prob, rr["log_prob"]), max_rel(ev.kl, rr["kl"]), max_rel(vg.grad, vr.grad)
+                    worst = max(e_sample, e_lp, e_kl, e_g)
+                    bound = 1e-5 if dtype == torch.float32 else 2e-2
+                    ok = worst < bound
+                    RESULTS["checks"].append(dict(backend=name, op="sde_step", kind=kind, dtype=str(dtype), sample=e_sample,
+                                                  log_prob=e_lp, kl=e_kl, grad_v=e_g, ok=ok))
+                    log(f"check {name:6s} sde_step {kind:5s} {str(dtype):14s} rel err: sample {e_sample:.1e} "
+                        f"log_prob {e_lp:.1e} kl {e_kl:.1e} grad_v {e_g:.1e} {'ok' if ok else 'FAIL'}")
+            rw = torch.rand(1000, 2, generator=g)
+            ids = torch.randint(0, 37, (1000,), generator=g)
+            got = flowsteer.ops.group_advantages(rw.to(device), ids.to(device), mode="per_reward")
+            want = R.group_advantages(rw.double(), ids, mode="per_reward")
+            e = max_rel(got, want)
+            RESULTS["checks"].append(dict(backend=name, op="group_advantages", err=e, ok=e < 1e-5))
+            log(f"check {name:6s} group_advantages rel err {e:.1e} {'ok' if e < 1e-5 else 'FAIL'}")
+            prefs = (torch.randint(0, 3, (9, 12, 12), generator=g).float() / 2)
+            e = max_rel(flowsteer.ops.win_rate(prefs.to(device)), R.win_rate(prefs.double()))
+            # Compared with the torch backend's vectorised statement (tested against the reference's
+            # pairwise loop in tests/test_advantages.py, which is too slow at this size).
+            same = bool(torch.equal(flowsteer.ops.pareto_mask(rw.to(device), ids.to(device)).cpu(),
+                                    _launch._torch_pareto(rw, ids).bool()))
+            ok = e < 1e-6 and same
+            RESULTS["checks"].append(dict(backend=name, op="win_rate+pareto_mask", err=e, pareto_equal=same, ok=ok))
+            log(f"check {name:6s} win_rate rel err {e:.1e}, pareto_mask {'equal' if same else 'DIFFERENT'} "
+                f"{'ok' if ok else 'FAIL'}")
+            z = flowsteer.ops.philox_normal((1 << 20,), 3, 0, device=device).double().cpu()
+            log(f"check {name:6s} philox noise: mean {float(z.mean()):+.1e} var {float(z.var()):.4f}")
+        flowsteer.set_backend("auto")
 
-    # ------------------------------------------------------------------ timings
-    def ref_sample(v, x, noise_shape_like):
-        noise = torch.randn_like(noise_shape_like, dtype=torch.float32)
-        out = R.sde_step(v.float(), x.float(), 0.6, 0.5, "flow", 0.7, noise=noise)
-        return out["prev_sample"].to(v.dtype), out["log_prob"]
+        # ------------------------------------------------------------------ timings
+        def ref_sample(v, x, noise_shape_like):
+            noise = torch.randn_like(noise_shape_like, dtype=torch.float32)
+            out = R.sde_step(v.float(), x.float(), 0.6, 0.5, "flow", 0.7, noise=noise)
+            return out["prev_sample"].to(v.dtype), out["log_prob"]
 
-    def ref_eval(v, x, prev):
-        out = R.sde_step(v.float(), x.float(), 0.6, 0.5, "flow", 0.7, prev_sample=prev.float())
-        return out["log_prob"]
+        def ref_eval(v, x, prev):
+            out = R.sde_step(v.float(), x.float(), 0.6, 0.5, "flow", 0.7, prev_sample=prev.float())
+            return out["log_prob"]
 
-    compiled_sample = None if args.no_compile else torch.compile(ref_sample, dynamic=True)
-    compiled_eval = None if args.no_compile else torch.compile(ref_eval, dynamic=True)
+        compiled_sample = None if args.no_compile else torch.compile(ref_sample, dynamic=True)
+        compiled_eval = None if args.no_compile else torch.compile(ref_eval, dynamic=True)
 
-    if args.small:
-        shapes = [(2, 4, 32, 32), (1, 4, 5, 16, 16)]
-    elif device.type == "cuda":
-        shapes = [(16, 16, 64, 64), (8, 16, 128, 128), (4, 16, 21, 60, 104)]
-    else:
-        shapes = [(8, 16, 64, 64)]
-    dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
-    for shape in shapes:
-        for dtype in dtypes:
-            v = torch.randn(shape, device=device).to(dtype)
-            x = torch.randn(shape, device=device).to(dtype)
-            prev = torch.randn(shape, device=device).to(dtype)
-            nbytes = v.numel() * v.element_size()
-            rows = {}
-            # Sample mode, in-kernel noise: read v, x; write the sample (the mean is not asked for).
-            floor_sample = 3 * nbytes / bandwidth
-            # Evaluate forward + backward: read v, x, x' twice; write grad_v.
-            floor_eval = 7 * nbytes / bandwidth
-            for name in backends:
-                if name == "triton" and device.type == "cpu":
-                    continue  # the interpreter is a correctness tool, not a speed one
-                flowsteer.set_backend(name)
-                rows[name] = (
-                    timeit(lambda: flowsteer.ops.sde_step(v, x, 0.6, 0.5, "flow", 0.7, seed=1, return_mean=False)),
-                    timeit(lambda: _eval_kernel(flowsteer, v, x, prev)),
-                )
-            flowsteer.set_backend("auto")
-            rows["eager"] = (timeit(lambda: ref_sample(v, x, x)), timeit(lambda: _eval_ref(ref_eval, v, x, prev)))
-            if compiled_sample is not None:
-                rows["compile"] = (timeit(lambda: compiled_sample(v, x, x)),
-                                   timeit(lambda: _eval_ref(compiled_eval, v, x, prev)))
-            for mode, idx, floor in (("sample", 0, floor_sample), ("eval fwd+bwd", 1, floor_eval)):
-                for impl, times in rows.items():
-                    t = times[idx]
-                    entry = dict(op="sde_step", mode=mode, shape=list(shape), dtype=str(dtype), impl=impl, ms=t * 1e3,
-                                 x_floor=t / floor, vs_eager=rows["eager"][idx] / t,
-                                 vs_compile=(rows["compile"][idx] / t) if "compile" in rows else None)
-                    RESULTS["timings"].append(entry)
-                    comp = f"{entry['vs_compile']:.2f}x" if entry["vs_compile"] else "-"
-                    log(f"time sde_step {mode:12s} {str(list(shape)):22s} {str(dtype):14s} {impl:8s} "
-                        f"{t * 1e3:9.3f} ms  {t / floor:6.1f}x floor  vs eager {entry['vs_eager']:6.2f}x  vs compile {comp}")
+        if args.small:
+            shapes = [(2, 4, 32, 32), (1, 4, 5, 16, 16)]
+        elif device.type == "cuda":
+            shapes = [(16, 16, 64, 64), (8, 16, 128, 128), (4, 16, 21, 60, 104)]
+        else:
+            shapes = [(8, 16, 64, 64)]
+        dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+        for shape in shapes:
+            for dtype in dtypes:
+                v = torch.randn(shape, device=device).to(dtype)
+                x = torch.randn(shape, device=device).to(dtype)
+                prev = torch.randn(shape, device=device).to(dtype)
+                nbytes = v.numel() * v.element_size()
+                rows = {}
+                # Sample mode, in-kernel noise: read v, x; write the sample (the mean is not asked for).
+                floor_sample = 3 * nbytes / bandwidth
+                # Evaluate forward + backward: read v, x, x' twice; write grad_v.
+                floor_eval = 7 * nbytes / bandwidth
+                for name in backends:
+                    if name == "triton" and device.type == "cpu":
+                        continue  # the interpreter is a correctness tool, not a speed one
+                    flowsteer.set_backend(name)
+                    rows[name] = (
+                        timeit(lambda: flowsteer.ops.sde_step(v, x, 0.6, 0.5, "flow", 0.7, seed=1, return_mean=False)),
+                        timeit(lambda: _eval_kernel(flowsteer, v, x, prev)),
+                    )
+                flowsteer.set_backend("auto")
+                rows["eager"] = (timeit(lambda: ref_sample(v, x, x)), timeit(lambda: _eval_ref(ref_eval, v, x, prev)))
+                if compiled_sample is not None:
+                    rows["compile"] = (timeit(lambda: compiled_sample(v, x, x)),
+                                       timeit(lambda: _eval_ref(compiled_eval, v, x, prev)))
+                for mode, idx, floor in (("sample", 0, floor_sample), ("eval fwd+bwd", 1, floor_eval)):
+                    for impl, times in rows.items():
+                        t = times[idx]
+                        entry = dict(op="sde_step", mode=mode, shape=list(shape), dtype=str(dtype), impl=impl, ms=t * 1e3,
+                                     x_floor=t / floor, vs_eager=rows["eager"][idx] / t,
+                                     vs_compile=(rows["compile"][idx] / t) if "compile" in rows else None)
+                        RESULTS["timings"].append(entry)
+                        comp = f"{entry['vs_compile']:.2f}x" if entry["vs_compile"] else "-"
+                        log(f"time sde_step {mode:12s} {str(list(shape)):22s} {str(dtype):14s} {impl:8s} "
+                            f"{t * 1e3:9.3f} ms  {t / floor:6.1f}x floor  vs eager {entry['vs_eager']:6.2f}x  vs compile {comp}")
 
-    # Group advantages: N = 100k rewards in 4k groups, against the research-code loop.
-    n, groups = (100_000, 4000) if not args.small else (10_000, 400)
-    g = torch.Generator().manual_seed(1)
-    rw = torch.rand(n, generator=g).to(device)
-    ids = torch.randint(0, groups, (n,), generator=g).to(device)
+        # Group advantages: N = 100k rewards in 4k groups, against the research-code loop.
+        n, groups = (100_000, 4000) if not args.small else (10_000, 400)
+        g = torch.Generator().manual_seed(1)
+        rw = torch.rand(n, generator=g).to(device)
+        ids = torch.randint(0, groups, (n,), generator=g).to(device)
 
-    from flowsteer.bench import research_group_advantages
+        from flowsteer.bench import research_group_advantages
 
-    t_loop = timeit(lambda: research_group_advantages(rw, ids), reps=3)
-    log(f"time group_advantages N={n} G={groups} research loop {t_loop * 1e3:.1f} ms")
-    for name in backends:
-        if name == "triton" and device.type == "cpu":
-            continue
-        flowsteer.set_backend(name)
-        t = timeit(lambda: flowsteer.ops.group_advantages(rw, ids))
-        RESULTS["timings"].append(dict(op="group_advantages", n=n, groups=groups, impl=name, ms=t * 1e3,
-                                       vs_loop=t_loop / t))
-        log(f"time group_advantages N={n} G={groups} {name:8s} {t * 1e3:8.3f} ms  vs loop {t_loop / t:7.1f}x")
-    flowsteer.set_backend("auto")
+        t_loop = timeit(lambda: research_group_advantages(rw, ids), reps=3)
+        log(f"time group_advantages N={n} G={groups} research loop {t_loop * 1e3:.1f} ms")
+        for name in backends:
+            if name == "triton" and device.type == "cpu":
+                continue
+            flowsteer.set_backend(name)
+            t = timeit(lambda: flowsteer.ops.group_advantages(rw, ids))
+            RESULTS["timings"].append(dict(op="group_advantages", n=n, groups=groups, impl=name, ms=t * 1e3,
+                                           vs_loop=t_loop / t))
+            log(f"time group_advantages N={n} G={groups} {name:8s} {t * 1e3:8.3f} ms  vs loop {t_loop / t:7.1f}x")
+        flowsteer.set_backend("auto")
 
-    # GRPO loss: plain torch; compiled only to show a kernel would buy little.
-    lp = torch.randn(4096, device=device, requires_grad=True)
-    old, adv = torch.randn(4096, device=device), torch.randn(4096, device=device)
+        # GRPO loss: plain torch; compiled only to show a kernel would buy little.
+        lp = torch.randn(4096, device=device, requires_grad=True)
+        old, adv = torch.randn(4096, device=device), torch.randn(4096, device=device)
 
-    def loss_step(fn):
-        loss, _ = fn(lp, old, adv)
-        loss.backward()
+        def loss_step(fn):
+            loss, _ = fn(lp, old, adv)
+            loss.backward()
 
-    t_eager = timeit(lambda: loss_step(flowsteer.ops.grpo_loss))
-    line = f"time grpo_loss B=4096 fwd+bwd eager {t_eager * 1e6:.0f} us"
-    if not args.no_compile:
-        comp = torch.compile(R.grpo_loss)
-        t_comp = timeit(lambda: loss_step(lambda a, b, c: comp(a, b, c, 1e-4)))
-        line += f", compiled reference {t_comp * 1e6:.0f} us"
-        RESULTS["timings"].append(dict(op="grpo_loss", impl="compile", ms=t_comp * 1e3))
-    RESULTS["timings"].append(dict(op="grpo_loss", impl="eager", ms=t_eager * 1e3))
-    log(line)
+        t_eager = timeit(lambda: loss_step(flowsteer.ops.grpo_loss))
+        line = f"time grpo_loss B=4096 fwd+bwd eager {t_eager * 1e6:.0f} us"
+        if not args.no_compile:
+            comp = torch.compile(R.grpo_loss)
+            t_comp = timeit(lambda: loss_step(lambda a, b, c: comp(a, b, c, 1e-4)))
+            line += f", compiled reference {t_comp * 1e6:.0f} us"
+            RESULTS["timings"].append(dict(op="grpo_loss", impl="compile", ms=t_comp * 1e3))
+        RESULTS["timings"].append(dict(op="grpo_loss", impl="eager", ms=t_eager * 1e3))
+        log(line)
+
+    if not args.rollout_only:
+        kernel_sections()
 
     # ------------------------------------------------------------------ rollouts
     if device.type == "cuda" and not args.skip_rollout:
@@ -305,9 +320,6 @@ def main() -> int:
 
     failed = [c for c in RESULTS["checks"] if not c["ok"]]
     log(f"checks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
     return 1 if failed else 0
 
 
