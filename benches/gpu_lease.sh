@@ -4,7 +4,8 @@
 # 1. wheels carried in .whl/ (diffusers, transformers, ...) go to /tmp/site when present;
 # 2. `pip install .` builds the extension with the CUDA kernels for FLOWSTEER_CUDA_ARCHS (default 90 here);
 # 3. the kernel checks and timings (benches/gpu_suite.py), then the SD3.5-Medium rollout section, each in
-#    its own process under its own time limit, so a failure in one leaves the other's numbers.
+#    its own process under its own time limit, so a failure in one leaves the other's numbers;
+# 4. with PYTEST_LIMIT=<seconds>, the unit tests' CUDA cases.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/flowsteer-gpu}
@@ -25,3 +26,8 @@ grep -i -E "cuda|nvcc" "$OUT/build.log" | grep -v "^ *$" | head -5
 echo "build: $(( $(date +%s) - t0 )) s"
 timeout "${KERNEL_LIMIT:-240}" python3 benches/gpu_suite.py --skip-rollout --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 timeout "${ROLLOUT_LIMIT:-240}" python3 benches/gpu_suite.py --rollout-only --out "$OUT/rollout.json" 2>&1 | tee "$OUT/rollout.log"
+# Last, as time allows: the unit tests' CUDA cases (the cuda and triton backends on the GPU).
+if [ "${PYTEST_LIMIT:-0}" -gt 0 ]; then
+    timeout "$PYTEST_LIMIT" python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_sde_step.py tests/test_advantages.py \
+        2>&1 | tail -15
+fi

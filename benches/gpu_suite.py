@@ -118,9 +118,10 @@ def main() -> int:
             sync()
             return None
 
-    def timeit(fn, reps=None, min_time=0.2):
-        """Median seconds per call: GPU time under a CUDA graph on CUDA, wall time on the CPU."""
-        if device.type == "cuda":
+    def timeit(fn, reps=None, min_time=0.2, graph=True):
+        """Median seconds per call: GPU time under a CUDA graph on CUDA, wall time on the CPU (and for
+        graph=False: code with host syncs, which a failed capture would leave the device unusable by)."""
+        if device.type == "cuda" and graph:
             t = timeit_graph(fn)
             if t is not None:
                 return t
@@ -271,13 +272,14 @@ def main() -> int:
 
         from flowsteer.bench import research_group_advantages
 
-        t_loop = timeit(lambda: research_group_advantages(rw, ids), reps=3)
+        t_loop = timeit(lambda: research_group_advantages(rw, ids), reps=3, graph=False)
         log(f"time group_advantages N={n} G={groups} research loop {t_loop * 1e3:.1f} ms")
         for name in backends:
             if name == "triton" and device.type == "cpu":
                 continue
             flowsteer.set_backend(name)
-            t = timeit(lambda: flowsteer.ops.group_advantages(rw, ids))
+            # Not graph-capturable: torch.unique and the finite check sync; wall time with those syncs.
+            t = timeit(lambda: flowsteer.ops.group_advantages(rw, ids), graph=False)
             RESULTS["timings"].append(dict(op="group_advantages", n=n, groups=groups, impl=name, ms=t * 1e3,
                                            vs_loop=t_loop / t))
             log(f"time group_advantages N={n} G={groups} {name:8s} {t * 1e3:8.3f} ms  vs loop {t_loop / t:7.1f}x")

@@ -23,7 +23,6 @@ initialise the text encoders differently (diffusers 0.35 and 0.42 agree on the r
 
 `tiny_sd35_medium_transformer` builds the full-size SD3.5-Medium transformer for GPU benchmarks.
 """
-import itertools
 import json
 import os
 import string
@@ -246,9 +245,16 @@ def _ready(module, dtype):
             keep |= set(module._keep_in_fp32_modules or ())
     else:
         keep = set(module._keep_in_fp32_modules or ())
-    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
-        if tensor.is_floating_point():
-            tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    for prefix, sub in module.named_modules():
+        target = torch.float32 if keep & set(prefix.split(".")) else dtype
+        for name, param in sub.named_parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.to(torch.float32 if name in keep else target)
+        # Buffers are replaced, not given new .data: a buffer made as a view (SD3's position table is
+        # `table.unsqueeze(0)`) would keep a base of the old dtype, which torch.compile rejects.
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf is not None and buf.is_floating_point():
+                sub._buffers[name] = buf.to(torch.float32 if name in keep else target)
     return module.eval()
 
 
