@@ -28,6 +28,6 @@ timeout "${KERNEL_LIMIT:-240}" python3 benches/gpu_suite.py --skip-rollout --out
 timeout "${ROLLOUT_LIMIT:-240}" python3 benches/gpu_suite.py --rollout-only --out "$OUT/rollout.json" 2>&1 | tee "$OUT/rollout.log"
 # Last, as time allows: the unit tests' CUDA cases (the cuda and triton backends on the GPU).
 if [ "${PYTEST_LIMIT:-0}" -gt 0 ]; then
-    timeout "$PYTEST_LIMIT" python3 -m pytest -q -x -p no:cacheprovider -k cuda tests/test_sde_step.py tests/test_advantages.py \
+    timeout "$PYTEST_LIMIT" python3 -m pytest -q -x -p no:cacheprovider -k "cuda or triton" tests/test_sde_step.py tests/test_advantages.py \
         2>&1 | tail -15
 fi
