@@ -316,7 +316,8 @@ def main() -> int:
         log(f"rollout: SD3.5-Medium-sized transformer, random weights, bf16 ({time.time() - t0:.0f} s to build); "
             "512 px, 10 steps, CFG 4.5, 2 prompts x 8 = 16 images")
         RESULTS["rollout"] = bench_rollout(pipe, prompts=2, group_size=8, num_steps=10, guidance_scale=4.5, height=512,
-                                           width=512, compile=not args.no_compile, branch_group_size=0, repeats=2,
+                                           width=512, compile=not args.no_compile, compile_reference=True,
+                                           branch_group_size=0, repeats=2,
                                            log=lambda m: log("rollout " + m))
         del pipe
 

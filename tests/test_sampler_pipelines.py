@@ -103,3 +103,23 @@ def test_bf16_rollout_ratio_is_one(name):
     with torch.no_grad():
         lp, _ = flowsteer.evaluate(r, 0)
     assert torch.isfinite(r.log_probs).all() and torch.equal(lp, r.log_probs[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["flow", "cps"])
+def test_benchmark_reference_loop_is_the_same_rollout(kind):
+    """The research-style loop that `flowsteer bench rollout` times computes what flowsteer.sample
+    does: with the same noise, the same final latents and per-step log-probs (fp32 rounding)."""
+    from flowsteer.bench import reference_rollout
+
+    pipe = pipelines.tiny_sd3_pipeline(0)
+    latents, log_probs = reference_rollout(pipe, PROMPTS, 2, 4, 4.5, kind, 0.7, 3, 16, 16, 32, noise="philox")
+    model = flowsteer.sampler.SD3Adapter(pipe, max_sequence_length=32)
+    r = flowsteer.sample(model, PROMPTS, group_size=2, num_steps=4, guidance_scale=4.5, kind=kind, noise_level=0.7,
+                         seed=3, height=16, width=16, decode=False)
+    # A cps step onto sigma = 0 has std 0, no log-prob: flowsteer.sample runs it as ODE, the same mean.
+    assert r.steps == ([0, 1, 2, 3] if kind == "flow" else [0, 1, 2])
+    scale = float(latents.abs().max())
+    assert torch.allclose(r.final_latents, latents, rtol=1e-5, atol=1e-5 * scale)
+    assert torch.allclose(r.log_probs, log_probs[:, r.steps].float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="noise must be 'torch' or 'philox'"):
+        reference_rollout(pipe, PROMPTS, 2, 4, 4.5, kind, 0.7, 3, 16, 16, 32, noise="numpy")

@@ -73,6 +73,8 @@ def _bench(args) -> int:
     from .bench import bench_rollout
     from .testing.pipelines import tiny_sd3_pipeline
 
+    if args.repeats < 1:
+        raise SystemExit(f"flowsteer bench: --repeats must be >= 1 (got {args.repeats})")
     if args.what != "rollout":
         raise SystemExit(f"flowsteer bench: unknown benchmark {args.what!r} (known: rollout)")
     torch.manual_seed(0)
@@ -82,8 +84,9 @@ def _bench(args) -> int:
     print(f"rollout benchmark: tiny SD3 transformer with random weights, {args.prompts} prompts x {args.group_size}, "
           f"{args.steps} steps, {args.size}px, {args.max_sequence_length} T5 tokens, CFG 4.5, device {args.device}")
     results = bench_rollout(pipe, prompts=args.prompts, group_size=args.group_size, num_steps=args.steps,
-                            height=args.size, width=args.size, compile=args.compile,
-                            branch_group_size=args.branch_group_size, max_sequence_length=args.max_sequence_length)
+                            height=args.size, width=args.size, compile=args.compile, compile_reference=args.compile,
+                            branch_group_size=args.branch_group_size, max_sequence_length=args.max_sequence_length,
+                            repeats=args.repeats)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -109,7 +112,11 @@ def main(argv=None) -> int:
     bench.add_argument("--size", type=int, default=32, help="image height and width in pixels")
     bench.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (SD3's default 256)")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    bench.add_argument("--compile", action="store_true", help="also time flowsteer.sample(compile=True)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time flowsteer.sample(compile=True), and the reference loop with the same compiled "
+                            "transformer")
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="timed rounds (each runs every loop once, in turn); the best of each is reported")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
     bench.set_defaults(func=_bench)
     argv = sys.argv[1:] if argv is None else list(argv)
