@@ -57,9 +57,9 @@ def reference_rollout(pipe, prompts: List[str], group_size: int, num_steps: int,
         for step, t in enumerate(sched.timesteps):
             timestep = t.expand(n)
             v_text = transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=pe,
-                                      pooled_projections=pp, return_dict=False)[0]
+                                 pooled_projections=pp, return_dict=False)[0]
             v_uncond = transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=ne,
-                                        pooled_projections=npool, return_dict=False)[0]
+                                   pooled_projections=npool, return_dict=False)[0]
             v = v_uncond + guidance_scale * (v_text - v_uncond)
             index = [int((sched.timesteps == t_i).nonzero().item()) for t_i in timestep]
             sigma = sched.sigmas[index].to(device)
@@ -94,7 +94,7 @@ def transformer_floor(pipe, n: int, num_steps: int, height: int, width: int, max
         with torch.no_grad():
             for _ in range(num_steps):
                 transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=hidden,
-                                 pooled_projections=pooled, return_dict=False)
+                            pooled_projections=pooled, return_dict=False)
 
     return run
 
