@@ -116,6 +116,21 @@ def test_bad_input(kwargs, match):
         run(**kwargs)
 
 
+def test_prompts_per_image():
+    """A per-image prompt list (each prompt repeated group_size times) gives the same rollout."""
+    want = run()
+    per_image = [p for p in ["a", "b", "c"] for _ in range(4)]
+    args = dict(group_size=4, num_steps=6, latent_shape=SHAPE, cond=TARGETS, decode=False, seed=3)
+    got = flowsteer.sample(velocity, per_image, prompts_per_image=True, **args)
+    assert got.prompts == per_image and torch.equal(got.group_ids, want.group_ids)
+    assert torch.equal(got.final_latents, want.final_latents) and torch.equal(got.log_probs, want.log_probs)
+    with pytest.raises(ValueError, match="11 prompts do not split into groups of group_size=4"):
+        flowsteer.sample(velocity, per_image[:11], prompts_per_image=True, **args)
+    shuffled = per_image[:3] + ["b"] + per_image[4:]
+    with pytest.raises(ValueError, match=r"prompts\[0:4\] are not one prompt repeated group_size=4 times"):
+        flowsteer.sample(velocity, shuffled, prompts_per_image=True, **args)
+
+
 def test_bad_prompts_and_models():
     with pytest.raises(ValueError, match="prompts must be a non-empty list"):
         flowsteer.sample(velocity, "a cat", latent_shape=SHAPE)

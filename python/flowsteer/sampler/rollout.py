@@ -58,6 +58,21 @@ def _check_prompts(prompts, group_size):
         raise ValueError(f"group_size must be an int >= 1 (got {group_size!r})")
 
 
+def _group_prompts(prompts, group_size):
+    """The P prompts of a per-image list (each prompt repeated group_size times in a row, as research
+    trainers' repeat samplers yield them)."""
+    n, G = len(prompts), group_size
+    if n % G:
+        raise ValueError(f"prompts_per_image: {n} prompts do not split into groups of group_size={G}; "
+                         f"pass P * group_size prompts, each repeated group_size times in a row")
+    for start in range(0, n, G):
+        block = prompts[start:start + G]
+        if any(p != block[0] for p in block):
+            raise ValueError(f"prompts_per_image: prompts[{start}:{start + G}] are not one prompt repeated "
+                             f"group_size={G} times (got {list(block)!r})")
+    return list(prompts[::G])
+
+
 def sample(
     model,
     prompts: List[str],
@@ -85,6 +100,7 @@ def sample(
     shift: float = 1.0,
     compile: bool = False,
     cps_logprob: str = "exact",
+    prompts_per_image: bool = False,
 ) -> Rollout:
     """Sample P * G rollouts with per-step log-probs.
 
@@ -93,7 +109,8 @@ def sample(
             `velocity_fn(x, sigma [B], cond) -> v` (then pass latent_shape and optionally cond:
             one row per prompt, and shift for its schedule).
         prompts: P prompts, each sampled group_size times; samples of a prompt are contiguous and
-            share its group id.
+            share its group id. With prompts_per_image=True, P * G prompts instead, each repeated G
+            times in a row (as research trainers' repeat samplers give them); they must be.
         num_steps: T; the schedule comes from the pipeline's scheduler config.
         guidance_scale: CFG scale (one batched forward of 2B; FLUX: its guidance embedding).
         kind, noise_level: the step (see flowsteer.ops.sde_step); steps outside the window are ODE.
@@ -111,6 +128,8 @@ def sample(
         compile: torch.compile the transformer (or the velocity function).
     """
     _check_prompts(prompts, group_size)
+    if prompts_per_image:
+        prompts = _group_prompts(prompts, group_size)
     if not (isinstance(num_steps, int) and num_steps >= 1):
         raise ValueError(f"num_steps must be an int >= 1 (got {num_steps!r})")
     adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile)
