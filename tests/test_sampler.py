@@ -131,6 +131,28 @@ def test_prompts_per_image():
         flowsteer.sample(velocity, shuffled, prompts_per_image=True, **args)
 
 
+@pytest.mark.parametrize("window", ["all", Branch(3)])
+def test_max_batch_size_chunks_the_model_calls(window):
+    calls = []
+
+    def counting(x, sigma, cond):
+        calls.append(x.shape[0])
+        return velocity(x, sigma, cond)
+
+    def go(**kw):
+        args = dict(group_size=4, num_steps=6, latent_shape=SHAPE, cond=TARGETS, decode=False, seed=3, window=window)
+        return flowsteer.sample(counting, ["a", "b", "c"], **args, **kw)
+
+    want = go()
+    calls.clear()
+    got = go(max_batch_size=5)
+    # 12 rows in chunks of 5, 5, 2 (before a branch at step 3: the 3 prompts' rows, one chunk).
+    assert calls == ([3] * 3 + [5, 5, 2] * 3 if isinstance(window, Branch) else [5, 5, 2] * 6)
+    assert torch.equal(got.final_latents, want.final_latents) and torch.equal(got.log_probs, want.log_probs)
+    with pytest.raises(ValueError, match="max_batch_size must be None or an int >= 1"):
+        go(max_batch_size=0)
+
+
 def test_bad_prompts_and_models():
     with pytest.raises(ValueError, match="prompts must be a non-empty list"):
         flowsteer.sample(velocity, "a cat", latent_shape=SHAPE)

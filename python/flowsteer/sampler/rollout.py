@@ -73,6 +73,22 @@ def _group_prompts(prompts, group_size):
     return list(prompts[::G])
 
 
+def _chunked_inputs(adapter, cond, rows, guidance_scale, max_batch_size):
+    """[(rows of x, model inputs for them)]: one entry, or one per chunk of max_batch_size rows."""
+    n = rows.numel()
+    size = n if max_batch_size is None else max_batch_size
+    return [(slice(s, min(s + size, n)), adapter.model_inputs(cond, rows[s:s + size], guidance_scale))
+            for s in range(0, n, size)]
+
+
+def _velocity(adapter, x, i, timesteps, sigma, chunks, guidance_scale):
+    # Transformers often return a permuted view; the fused step reads contiguous memory.
+    if len(chunks) == 1:
+        return adapter.velocity(x, i, timesteps, sigma, chunks[0][1], guidance_scale).contiguous()
+    return torch.cat([adapter.velocity(x[rows], i, timesteps, sigma, inputs, guidance_scale)
+                      for rows, inputs in chunks]).contiguous()
+
+
 def sample(
     model,
     prompts: List[str],
@@ -101,6 +117,7 @@ def sample(
     compile: bool = False,
     cps_logprob: str = "exact",
     prompts_per_image: bool = False,
+    max_batch_size: Optional[int] = None,
 ) -> Rollout:
     """Sample P * G rollouts with per-step log-probs.
 
@@ -126,10 +143,15 @@ def sample(
             (times delta when scale_by_dt) and the norm reward_guidance_norm ("batch", "sample", "none").
         logprob_mean: "unguided" (default: distils the guidance) or "guided".
         compile: torch.compile the transformer (or the velocity function).
+        max_batch_size: at most this many samples per model call (with CFG the forward's batch is
+            twice this), for groups too large for memory in one forward; None: one call per step.
+            Each row's velocity is the same whatever the chunking (to batch-size rounding).
     """
     _check_prompts(prompts, group_size)
     if prompts_per_image:
         prompts = _group_prompts(prompts, group_size)
+    if max_batch_size is not None and not (isinstance(max_batch_size, int) and max_batch_size >= 1):
+        raise ValueError(f"max_batch_size must be None or an int >= 1 (got {max_batch_size!r})")
     if not (isinstance(num_steps, int) and num_steps >= 1):
         raise ValueError(f"num_steps must be an int >= 1 (got {num_steps!r})")
     adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile)
@@ -160,7 +182,7 @@ def sample(
                 raise ValueError("branch mode needs group_size >= 2")
             x = x[::G].contiguous()  # one trajectory per prompt until the branch step
             rows = torch.arange(P, device=device)
-        inputs = adapter.model_inputs(cond_p, rows, guidance_scale)
+        inputs = _chunked_inputs(adapter, cond_p, rows, guidance_scale, max_batch_size)
         # A stochastic step with std 0 (cps onto sigma = 0) has no log-prob: run it as ODE.
         stochastic = [s and not (kind == "cps" and sigmas[i + 1] == 0.0) and noise_level > 0 and kind != "ode"
                       for i, s in enumerate(plan.stochastic)]
@@ -171,9 +193,8 @@ def sample(
             if branch_at is not None and i == branch_at:
                 x = x.repeat_interleave(G, 0)
                 rows = prompt_index_dev
-                inputs = adapter.model_inputs(cond_p, rows, guidance_scale)
-            # Transformers often return a permuted view; the fused step reads contiguous memory.
-            v = adapter.velocity(x, i, timesteps, sigmas[i], inputs, guidance_scale).contiguous()
+                inputs = _chunked_inputs(adapter, cond_p, rows, guidance_scale, max_batch_size)
+            v = _velocity(adapter, x, i, timesteps, sigmas[i], inputs, guidance_scale)
             if stochastic[i]:
                 guidance = None
                 if reward_grad is not None:
