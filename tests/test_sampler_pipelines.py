@@ -135,3 +135,22 @@ def test_max_batch_size_gives_the_same_rollout(case):
     scale = float(want.final_latents.abs().max())
     assert torch.allclose(got.final_latents, want.final_latents, rtol=1e-5, atol=1e-5 * scale)
     assert torch.allclose(got.log_probs, want.log_probs, rtol=1e-5, atol=1e-5)
+
+
+def test_execution_device_is_read_again_only_when_the_transformer_moves(monkeypatch):
+    pipe = pipelines.tiny_sd3_pipeline(0)
+    reads = []
+    original = type(pipe)._execution_device
+
+    def counted(self):
+        reads.append(1)
+        return original.fget(self)
+
+    monkeypatch.setattr(type(pipe), "_execution_device", property(counted))
+    model = flowsteer.sampler.SD3Adapter(pipe)
+    model.prepare()
+    model.prepare()
+    assert len(reads) == 1 and model.device == torch.device("cpu")
+    pipe.transformer.to("meta")  # moved: the next call reads the pipeline's device again
+    model.prepare()
+    assert len(reads) == 2

@@ -150,16 +150,21 @@ class _PipelineAdapter(ModelAdapter):
         self.transformer = torch.compile(pipe.transformer) if compile else pipe.transformer
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.negative_prompt = negative_prompt
-        self._device = None
+        self._device, self._device_key = None, None
 
     @property
     def device(self):
-        # pipe._execution_device walks every module of every component (4 ms for the tiny SD3
-        # pipeline, more for full-size ones); it is read once per sample/evaluate call, in prepare.
         return self._device if self._device is not None else self.pipe._execution_device
 
     def prepare(self, **size):
-        self._device = self.pipe._execution_device
+        # pipe._execution_device walks every module of every component: 1.8 ms for the tiny SD3
+        # pipeline, 8.5 ms for SD3.5-Medium's transformer alone, at every sample and evaluate call.
+        # It is read again only when the transformer has moved or gained offload hooks.
+        t = self.pipe.transformer
+        first = next(t.parameters(), None)
+        key = (None if first is None else first.device, hasattr(t, "_hf_hook"), hasattr(t, "_diffusers_hook"))
+        if self._device is None or key != self._device_key:
+            self._device, self._device_key = self.pipe._execution_device, key
 
     def _encode_once(self, prompts: List[str], cfg: bool, encode: Callable[[List[str]], Tuple[Tensor, ...]]):
         """encode(texts) -> tensors with leading dim len(texts), for the prompts and, with CFG, the
