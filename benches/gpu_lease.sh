@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease runs, in one call, printing each result as soon as it has it:
 #   bash benches/gpu_lease.sh            (OUT=<dir> keeps the logs and JSON files)
-# 1. wheels carried in .whl/ (diffusers, transformers, ...) go to /tmp/site when present;
+# 1. wheels carried in .whl/ go to /tmp/site when present. The device image has no diffusers and an
+#    older transformers; fetch them here first (.whl/ is git-ignored; carry it with the call):
+#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#          --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 transformers==5.24.0 importlib_metadata
 # 2. `pip install .` builds the extension with the CUDA kernels for FLOWSTEER_CUDA_ARCHS (default 90 here);
 # 3. the kernel checks and timings (benches/gpu_suite.py), then the SD3.5-Medium rollout section, each in
 #    its own process under its own time limit, so a failure in one leaves the other's numbers;
