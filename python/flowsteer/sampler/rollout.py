@@ -126,8 +126,8 @@ def sample(
             `velocity_fn(x, sigma [B], cond) -> v` (then pass latent_shape and optionally cond:
             one row per prompt, and shift for its schedule).
         prompts: P prompts, each sampled group_size times; samples of a prompt are contiguous and
-            share its group id. With prompts_per_image=True, P * G prompts instead, each repeated G
-            times in a row (as research trainers' repeat samplers give them); they must be.
+            share its group id. With prompts_per_image=True, P * G prompts instead: P runs of G
+            equal prompts, as research trainers' repeat samplers give them.
         num_steps: T; the schedule comes from the pipeline's scheduler config.
         guidance_scale: CFG scale (one batched forward of 2B; FLUX: its guidance embedding).
         kind, noise_level: the step (see flowsteer.ops.sde_step); steps outside the window are ODE.
