@@ -215,6 +215,13 @@ def _clip_config(tokenizer, hidden_size, projection_dim):
     )
 
 
+def _tiny_vae(latent_channels: int) -> AutoencoderKL:
+    """A one-block AutoencoderKL (vae_scale_factor 1) with SD3's shift and scaling factors."""
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
 def _t5_kwargs(tokenizer):
     # hf-internal-testing/tiny-random-t5's encoder, without dropout; vocab sized to our tokenizer.
     return dict(
@@ -297,19 +304,7 @@ def tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Stab
     with _seeded(seed + 3):
         text_encoder_3 = T5EncoderModel(T5Config(**_t5_kwargs(tokenizer_3)))
     with _seeded(seed + 4):
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        vae = _tiny_vae(latent_channels=4)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     pipe = StableDiffusion3Pipeline(
         transformer=_ready(transformer, dtype),
@@ -363,19 +358,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
     with _seeded(seed + 2):
         text_encoder_2 = T5EncoderModel(T5Config(**_t5_kwargs(tokenizer_2)))
     with _seeded(seed + 3):
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=1,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
+        vae = _tiny_vae(latent_channels=1)
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
