@@ -21,10 +21,10 @@ def case(request):
     return request.param, build(0), size, cfg
 
 
-def _pipeline_latents(name, pipe, size, cfg, steps, seed):
+def _pipeline_latents(name, pipe, size, cfg, steps, seed, **kwargs):
     per_prompt = "num_videos_per_prompt" if name == "wan" else "num_images_per_prompt"
     out = pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=cfg, output_type="latent",
-               generator=torch.Generator().manual_seed(seed), **{per_prompt: 2}, **size)
+               generator=torch.Generator().manual_seed(seed), **{per_prompt: 2}, **size, **kwargs)
     return out.frames if name == "wan" else out.images
 
 
@@ -154,3 +154,114 @@ def test_execution_device_is_read_again_only_when_the_transformer_moves(monkeypa
     pipe.transformer.to("meta")  # moved: the next call reads the pipeline's device again
     model.prepare()
     assert len(reads) == 2
+
+
+WAN_SIZE = dict(height=16, width=16, num_frames=5)
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    """Wan2.2-A14B's layout: a high-noise and a low-noise expert, switching at 0.875 * 1000."""
+    return pipelines.tiny_wan_pipeline(0, boundary_ratio=0.875)
+
+
+def _wan_latents(pipe, steps, size=WAN_SIZE, **kwargs):
+    return pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=4.5, output_type="latent",
+                generator=torch.Generator().manual_seed(5), num_videos_per_prompt=2, **size, **kwargs).frames
+
+
+def test_wan22_two_experts_reproduce_the_pipeline(wan22):
+    """Each step runs the expert the pipeline runs: ODE latents equal to its __call__, and with
+    only the first expert they would differ."""
+    want = _wan_latents(wan22, 4)
+    r = flowsteer.sample(wan22, PROMPTS, group_size=2, num_steps=4, guidance_scale=4.5, kind="ode", noise_level=0.0,
+                         seed=5, decode=False, **WAN_SIZE)
+    assert r.adapter._low_noise == [False, True, True, True]  # timesteps 1000, 900, 750, 500 at shift 3
+    assert torch.allclose(r.final_latents, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    one_expert = flowsteer.sample(pipelines.tiny_wan_pipeline(0), PROMPTS, group_size=2, num_steps=4,
+                                  guidance_scale=4.5, kind="ode", noise_level=0.0, seed=5, decode=False, **WAN_SIZE)
+    assert not torch.allclose(one_expert.final_latents, want, rtol=1e-3, atol=1e-3)
+    # guidance_scale_2: the low-noise expert's own CFG scale, as the pipeline's argument.
+    want_2 = _wan_latents(wan22, 4, guidance_scale_2=2.0)
+    model = flowsteer.sampler.WanAdapter(wan22, guidance_scale_2=2.0)
+    r_2 = flowsteer.sample(model, PROMPTS, group_size=2, num_steps=4, guidance_scale=4.5, kind="ode", noise_level=0.0,
+                           seed=5, decode=False, **WAN_SIZE)
+    assert torch.allclose(r_2.final_latents, want_2, rtol=1e-5, atol=1e-5 * float(want_2.abs().max()))
+    assert not torch.allclose(want_2, want, rtol=1e-3, atol=1e-3)
+
+
+def test_wan22_on_policy_ratio_and_gradients_reach_the_step_s_expert(wan22):
+    r = flowsteer.sample(wan22, PROMPTS, group_size=2, num_steps=3, guidance_scale=4.5, seed=1, decode=False,
+                         **WAN_SIZE)
+    assert r.adapter._low_noise == [False, True, True]
+    with torch.no_grad():
+        for j in range(len(r.steps)):
+            lp, _ = flowsteer.evaluate(r, j)
+            assert float((torch.exp(lp - r.log_probs[:, j]) - 1).abs().max()) < 1e-6
+    experts = {"transformer": wan22.transformer, "transformer_2": wan22.transformer_2}
+    for j, trained in [(0, "transformer"), (1, "transformer_2")]:
+        for module in experts.values():
+            module.requires_grad_(True)
+        try:
+            lp, _ = flowsteer.evaluate(r, j, [0, 3])
+            lp.sum().backward()
+            for name, module in experts.items():
+                has_grad = any(p.grad is not None for p in module.parameters())
+                assert has_grad == (name == trained), (j, name)
+        finally:
+            for module in experts.values():
+                module.zero_grad(set_to_none=True)
+                module.requires_grad_(False)
+
+
+def test_wan22_expand_timesteps_reproduces_the_pipeline():
+    """Wan2.2-TI2V-5B's per-token timesteps ([B, F * H/2 * W/2])."""
+    pipe = pipelines.tiny_wan_pipeline(0, expand_timesteps=True)
+    size = dict(height=32, width=32, num_frames=5)
+    want = _wan_latents(pipe, 3, size)
+    r = flowsteer.sample(pipe, PROMPTS, group_size=2, num_steps=3, guidance_scale=4.5, kind="ode", noise_level=0.0,
+                         seed=5, decode=False, **size)
+    assert torch.allclose(r.final_latents, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_wan_adapter_errors(wan22):
+    with pytest.raises(ValueError, match="guidance_scale_2 is for Wan 2.2 pipelines"):
+        flowsteer.sampler.WanAdapter(pipelines.tiny_wan_pipeline(0), guidance_scale_2=2.0)
+    with pytest.raises(RuntimeError, match="call schedule"):
+        model = flowsteer.sampler.WanAdapter(wan22)
+        model.velocity(torch.zeros(1, 16, 2, 2, 2), 0, torch.zeros(3), 1.0, {}, 4.5)
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_negative_prompt_matches_the_pipeline(name):
+    build, size, cfg = CASES[name]
+    pipe = build(0)
+    want = _pipeline_latents(name, pipe, size, cfg, steps=3, seed=5, negative_prompt="blurry, low quality")
+    default = _pipeline_latents(name, pipe, size, cfg, steps=3, seed=5)
+    r = flowsteer.sample(pipe, PROMPTS, group_size=2, num_steps=3, guidance_scale=cfg, kind="ode", noise_level=0.0,
+                         seed=5, decode=False, negative_prompt="blurry, low quality", **size)
+    assert torch.allclose(r.final_latents, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert not torch.allclose(default, want, rtol=1e-3, atol=1e-3)
+
+
+def test_negative_prompt_errors():
+    with pytest.raises(ValueError, match="negative_prompt is not used with FluxPipeline"):
+        flowsteer.sample(pipelines.tiny_flux_pipeline(0), PROMPTS, negative_prompt="x", decode=False)
+    model = flowsteer.sampler.SD3Adapter(pipelines.tiny_sd3_pipeline(0))
+    with pytest.raises(ValueError, match="set it on the adapter"):
+        flowsteer.sample(model, PROMPTS, negative_prompt="x", decode=False)
+    with pytest.raises(TypeError, match="negative_prompt must be a string"):
+        flowsteer.sampler.SD3Adapter(pipelines.tiny_sd3_pipeline(0), negative_prompt=["x"])
+
+
+def test_adapter_follows_the_pipeline_s_current_transformer():
+    """A trainer may replace or wrap pipe.transformer (LoRA) after building the adapter: the adapter
+    runs what the pipeline holds now."""
+    pipe = pipelines.tiny_sd3_pipeline(0)
+    model = flowsteer.sampler.SD3Adapter(pipe)
+    kw = dict(group_size=1, num_steps=2, height=16, width=16, decode=False, seed=3)
+    before = flowsteer.sample(model, PROMPTS, **kw).final_latents
+    pipe.transformer = pipelines.tiny_sd3_pipeline(1).transformer
+    after = flowsteer.sample(model, PROMPTS, **kw).final_latents
+    assert torch.equal(after, flowsteer.sample(pipe, PROMPTS, **kw).final_latents)
+    assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3)

@@ -127,16 +127,18 @@ def _infer_device(cond) -> torch.device:
     return torch.device("cpu")
 
 
-def cfg_velocity(transformer, x: Tensor, guidance_scale: float, **inputs) -> Tensor:
+def cfg_velocity(transformer, x: Tensor, guidance_scale: float, scale: Optional[float] = None, **inputs) -> Tensor:
     """One forward of the CFG batch [x; x] (inputs hold [uncond; cond]), combined as
-    v_uncond + s (v_cond - v_uncond); a plain forward when guidance_scale <= 1."""
+    v_uncond + s (v_cond - v_uncond) with s = scale (default guidance_scale); a plain forward when
+    guidance_scale <= 1. The timestep is a scalar or [1, ...] (per-token), expanded to the batch."""
     cfg = guidance_scale > 1.0
     x_in = torch.cat([x, x]) if cfg else x
-    timestep = inputs.pop("timestep").expand(x_in.shape[0])
+    timestep = inputs.pop("timestep")
+    timestep = timestep.expand(x_in.shape[0], *timestep.shape[1:])
     v = transformer(hidden_states=x_in, timestep=timestep, return_dict=False, **inputs)[0]
     if cfg:
         v_uncond, v_text = v.chunk(2)
-        v = v_uncond + guidance_scale * (v_text - v_uncond)
+        v = v_uncond + (guidance_scale if scale is None else scale) * (v_text - v_uncond)
     return v
 
 
@@ -146,11 +148,29 @@ class _PipelineAdapter(ModelAdapter):
 
     def __init__(self, pipe, compile: bool = False, max_sequence_length: Optional[int] = None,
                  negative_prompt: str = ""):
+        if not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a string (got {type(negative_prompt).__name__})")
         self.pipe = pipe
-        self.transformer = torch.compile(pipe.transformer) if compile else pipe.transformer
+        self.compile = compile
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.negative_prompt = negative_prompt
         self._device, self._device_key = None, None
+        self._compiled: Dict[str, Tuple[Any, Any]] = {}
+
+    def _module(self, name: str):
+        """pipe.<name> as it is now (a trainer may have wrapped it in LoRA since), compiled once per
+        module object when compile=True."""
+        module = getattr(self.pipe, name, None)
+        if not self.compile or module is None:
+            return module
+        cached = self._compiled.get(name)
+        if cached is None or cached[0] is not module:
+            cached = self._compiled[name] = (module, torch.compile(module))
+        return cached[1]
+
+    @property
+    def transformer(self):
+        return self._module("transformer")
 
     @property
     def device(self):
@@ -302,10 +322,34 @@ class FluxAdapter(_PipelineAdapter):
 
 class WanAdapter(_PipelineAdapter):
     """WanPipeline: 5-D video latents [B, C, F, H, W], UMT5 conditioning, CFG in one batch of 2B
-    (the pipeline itself runs two forwards; the sum is the same up to rounding)."""
+    (the pipeline itself runs two forwards; the sum is the same up to rounding).
+
+    Wan 2.2 as the pipeline's __call__ runs it:
+    - two experts (A14B: `boundary_ratio` in the pipeline config): `transformer` for the steps
+      whose timestep is >= boundary_ratio * num_train_timesteps (high noise), `transformer_2`
+      below, with guidance_scale_2 there (default: the rollout's guidance_scale);
+    - `expand_timesteps` (TI2V-5B): the timestep given per latent token, [B, F * H/2 * W/2].
+    """
 
     modality = "video"
     default_max_sequence_length = 512
+
+    def __init__(self, pipe, compile: bool = False, max_sequence_length: Optional[int] = None,
+                 negative_prompt: str = "", guidance_scale_2: Optional[float] = None):
+        super().__init__(pipe, compile=compile, max_sequence_length=max_sequence_length,
+                         negative_prompt=negative_prompt)
+        config = getattr(pipe, "config", {})
+        self.boundary_ratio = config.get("boundary_ratio", None)
+        self.expand_timesteps = bool(config.get("expand_timesteps", False))
+        if pipe.transformer is None:
+            raise ValueError("the WanPipeline has no transformer (its __call__ needs one too)")
+        if self.boundary_ratio is not None and getattr(pipe, "transformer_2", None) is None:
+            raise ValueError(f"the WanPipeline's config has boundary_ratio={self.boundary_ratio} but no transformer_2")
+        if guidance_scale_2 is not None and self.boundary_ratio is None:
+            raise ValueError("guidance_scale_2 is for Wan 2.2 pipelines with two experts (boundary_ratio set in the "
+                             "pipeline config); this pipeline has one transformer")
+        self.guidance_scale_2 = guidance_scale_2
+        self._low_noise: List[bool] = []
 
     def encode(self, prompts, guidance_scale):
         cfg = guidance_scale > 1.0
@@ -334,10 +378,28 @@ class WanAdapter(_PipelineAdapter):
 
     def schedule(self, num_steps, latents):
         sigmas, timesteps = scheduler_sigmas(self.pipe.scheduler, num_steps)
+        # Which expert runs each step, decided here on the host (the loop never reads timesteps back).
+        if self.boundary_ratio is None:
+            self._low_noise = [False] * num_steps
+        else:
+            boundary = self.boundary_ratio * self.pipe.scheduler.config.num_train_timesteps
+            self._low_noise = (timesteps < boundary).tolist()
         return sigmas, timesteps.to(self.device)
 
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
-        v = cfg_velocity(self.transformer, x.to(self.dtype), guidance_scale, timestep=timesteps[step], **inputs)
+        if len(self._low_noise) <= step:
+            raise RuntimeError("WanAdapter.velocity: call schedule() first (it decides which expert runs each step)")
+        if self._low_noise[step]:
+            transformer = self._module("transformer_2")
+            scale = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
+        else:
+            transformer, scale = self.transformer, guidance_scale
+        t = timesteps[step]
+        if self.expand_timesteps:
+            # The pipeline's (mask[0][0][:, ::2, ::2] * t).flatten(): one value per latent token.
+            frames, height, width = x.shape[2:]
+            t = t.expand(1, frames * ((height + 1) // 2) * ((width + 1) // 2))
+        v = cfg_velocity(transformer, x.to(self.dtype), guidance_scale, scale=scale, timestep=t, **inputs)
         return v.to(x.dtype)
 
     def decode(self, latents, **size):
@@ -351,17 +413,23 @@ class WanAdapter(_PipelineAdapter):
 
 
 def as_adapter(model, *, latent_shape=None, cond=None, device=None, dtype=torch.float32, shift=1.0,
-               compile=False) -> ModelAdapter:
-    """An adapter for a diffusers pipeline, an adapter (returned as is) or a velocity function."""
+               compile=False, negative_prompt: Optional[str] = None) -> ModelAdapter:
+    """An adapter for a diffusers pipeline, an adapter (returned as is) or a velocity function.
+    negative_prompt: the CFG negative of an SD3 or Wan pipeline (default "", as their __call__)."""
+    name = type(model).__name__
+    if negative_prompt is not None and name not in ("StableDiffusion3Pipeline", "WanPipeline"):
+        where = ("set it on the adapter (SD3Adapter(pipe, negative_prompt=...))" if isinstance(model, ModelAdapter)
+                 else "only SD3 and Wan pipelines run a CFG batch with a negative prompt")
+        raise ValueError(f"negative_prompt is not used with {name}: {where}")
+    pipe_kwargs = dict(compile=compile, **({} if negative_prompt is None else dict(negative_prompt=negative_prompt)))
     if isinstance(model, ModelAdapter):
         return model
-    name = type(model).__name__
     if name in ("StableDiffusion3Pipeline",):
-        return SD3Adapter(model, compile=compile)
+        return SD3Adapter(model, **pipe_kwargs)
     if name in ("FluxPipeline",):
         return FluxAdapter(model, compile=compile)
     if name in ("WanPipeline",):
-        return WanAdapter(model, compile=compile)
+        return WanAdapter(model, **pipe_kwargs)
     if hasattr(model, "transformer") and hasattr(model, "scheduler"):
         raise TypeError(f"unsupported pipeline {name}: flowsteer.sample supports StableDiffusion3Pipeline, "
                         "FluxPipeline and WanPipeline; wrap others in a ModelAdapter subclass")

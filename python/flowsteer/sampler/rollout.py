@@ -118,6 +118,7 @@ def sample(
     cps_logprob: str = "exact",
     prompts_per_image: bool = False,
     max_batch_size: Optional[int] = None,
+    negative_prompt: Optional[str] = None,
 ) -> Rollout:
     """Sample P * G rollouts with per-step log-probs.
 
@@ -146,6 +147,8 @@ def sample(
         max_batch_size: at most this many samples per model call (with CFG the forward's batch is
             twice this), for groups too large for memory in one forward; None: one call per step.
             Each row's velocity is the same whatever the chunking (to batch-size rounding).
+        negative_prompt: the CFG negative prompt of an SD3 or Wan pipeline (default "", as their
+            __call__); with an adapter, set it on the adapter instead.
     """
     _check_prompts(prompts, group_size)
     if prompts_per_image:
@@ -154,7 +157,8 @@ def sample(
         raise ValueError(f"max_batch_size must be None or an int >= 1 (got {max_batch_size!r})")
     if not (isinstance(num_steps, int) and num_steps >= 1):
         raise ValueError(f"num_steps must be an int >= 1 (got {num_steps!r})")
-    adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile)
+    adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile,
+                         negative_prompt=negative_prompt)
     win = as_window(window)
     P, G = len(prompts), group_size
     N = P * G

@@ -28,6 +28,7 @@ import os
 import string
 import tempfile
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from diffusers import (
@@ -381,8 +382,13 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
     return pipe
 
 
-def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> WanPipeline:
+def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, *, boundary_ratio: Optional[float] = None,
+                      expand_timesteps: bool = False) -> WanPipeline:
     """A WanPipeline (text to video) with random weights, on the CPU, in eval mode.
+
+    Wan 2.2 variants: boundary_ratio adds a second expert `transformer_2` (the same config, other
+    weights) for the low-noise steps, as Wan2.2-A14B; expand_timesteps gives the transformer one
+    timestep per latent token, as Wan2.2-TI2V-5B.
 
     - transformer: WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2,
       attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
@@ -400,21 +406,26 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> WanP
     decoded frames (output_type="pt") [B, 5, 3, 16, 16].
     """
     tokenizer = _t5_tokenizer()
+    config = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
     with _seeded(seed):
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=16,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=256,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        )
+        transformer = WanTransformer3DModel(**config)
+    transformer_2 = None
+    if boundary_ratio is not None:
+        with _seeded(seed + 3):
+            transformer_2 = _ready(WanTransformer3DModel(**config), dtype)
     with _seeded(seed + 1):
         text_encoder = UMT5EncoderModel(UMT5Config(**_t5_kwargs(tokenizer)))
     with _seeded(seed + 2):
@@ -432,6 +443,9 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> WanP
         vae=_ready(vae, dtype),
         scheduler=scheduler,
         transformer=_ready(transformer, dtype),
+        # Wan 2.2's arguments (diffusers >= 0.35) only when asked for.
+        **({} if boundary_ratio is None else dict(transformer_2=transformer_2, boundary_ratio=boundary_ratio)),
+        **(dict(expand_timesteps=True) if expand_timesteps else {}),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
