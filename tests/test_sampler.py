@@ -61,6 +61,42 @@ def test_same_noise_shares_initial_latents_per_group():
     assert not torch.equal(r.final_latents[0], r.final_latents[1])  # the SDE noise is not shared
 
 
+def test_rows_equal_within_groups_run_the_model_once_per_prompt():
+    """Branch mode and same_noise: the model runs on one row per prompt until the first stochastic
+    step, that step included (its velocity is the same for the group; its noise is not)."""
+    calls = []
+
+    def counting(x, sigma, cond):
+        calls.append(x.shape[0])
+        return velocity(x, sigma, cond)
+
+    def go(**kw):
+        calls.clear()
+        args = dict(group_size=4, num_steps=6, latent_shape=SHAPE, cond=TARGETS, decode=False, seed=3)
+        return flowsteer.sample(counting, ["a", "b", "c"], **dict(args, **kw))
+
+    go(window=Branch(3))
+    assert calls == [3] * 4 + [12] * 2
+    r = go(same_noise=True)
+    assert calls == [3] + [12] * 5 and r.latents.shape[0] == 12
+    assert torch.equal(r.latents[0, 0], r.latents[3, 0]) and not torch.equal(r.next_latents[0, 0], r.next_latents[1, 0])
+    for j in range(len(r.steps)):
+        lp, _ = evaluate(r, j)
+        assert float((lp - r.log_probs[:, j]).abs().max()) == 0.0
+    r = go(same_noise=True, window=RandomWindow(2))
+    assert calls == [3] * (r.steps[0] + 1) + [12] * (5 - r.steps[0])
+    # No stochastic step: the whole rollout runs once per prompt, expanded at the end; the same as
+    # the Euler loop over the 12 rows.
+    r = go(same_noise=True, kind="ode", noise_level=0.0, shift=3.0)
+    assert calls == [3] * 6 and r.final_latents.shape == (12,) + SHAPE
+    sigmas = shifted_sigmas(6, 3.0)
+    x = torch.randn((3,) + SHAPE, generator=torch.Generator().manual_seed(3)).repeat_interleave(4, 0)
+    cond = TARGETS.repeat_interleave(4, 0)
+    for i in range(6):
+        x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, torch.full((12,), sigmas[i]), cond)
+    assert torch.allclose(r.final_latents, x, atol=1e-6, rtol=1e-6)
+
+
 def test_branch_mode_shares_the_prefix():
     r = run(window=Branch(3))
     assert r.steps == [3, 4, 5]
@@ -146,8 +182,8 @@ def test_max_batch_size_chunks_the_model_calls(window):
     want = go()
     calls.clear()
     got = go(max_batch_size=5)
-    # 12 rows in chunks of 5, 5, 2 (before a branch at step 3: the 3 prompts' rows, one chunk).
-    assert calls == ([3] * 3 + [5, 5, 2] * 3 if isinstance(window, Branch) else [5, 5, 2] * 6)
+    # 12 rows in chunks of 5, 5, 2 (up to a branch at step 3, that step included: the 3 prompts' rows, one chunk).
+    assert calls == ([3] * 4 + [5, 5, 2] * 2 if isinstance(window, Branch) else [5, 5, 2] * 6)
     assert torch.equal(got.final_latents, want.final_latents) and torch.equal(got.log_probs, want.log_probs)
     with pytest.raises(ValueError, match="max_batch_size must be None or an int >= 1"):
         go(max_batch_size=0)

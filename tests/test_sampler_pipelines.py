@@ -68,6 +68,11 @@ def test_branch_mode_on_a_pipeline(case):
                          window=Branch(2), **size)
     assert r.steps == [2, 3]
     assert torch.equal(r.latents[0, 0], r.latents[1, 0]) and not torch.equal(r.next_latents[0, 0], r.next_latents[1, 0])
+    # The branch step's forward ran on one row per prompt; evaluate runs it on all four rows.
+    with torch.no_grad():
+        for j in range(len(r.steps)):
+            lp, _ = flowsteer.evaluate(r, j)
+            assert float((torch.exp(lp - r.log_probs[:, j]) - 1).abs().max()) < 1e-6
 
 
 def test_kl_against_a_reference_model(case):
@@ -198,6 +203,9 @@ def test_wan22_on_policy_ratio_and_gradients_reach_the_step_s_expert(wan22):
         for j in range(len(r.steps)):
             lp, _ = flowsteer.evaluate(r, j)
             assert float((torch.exp(lp - r.log_probs[:, j]) - 1).abs().max()) < 1e-6
+    with torch.no_grad():
+        _, kl = flowsteer.evaluate(r, 1, ref_model=wan22)  # the reference also picks the step's expert
+    assert torch.equal(kl, torch.zeros_like(kl))
     experts = {"transformer": wan22.transformer, "transformer_2": wan22.transformer_2}
     for j, trained in [(0, "transformer"), (1, "transformer_2")]:
         for module in experts.values():

@@ -49,7 +49,8 @@ class ModelAdapter:
         raise NotImplementedError
 
     def schedule(self, num_steps: int, latents: Tensor) -> Tuple[List[float], Tensor]:
-        """(sigmas: num_steps + 1 floats from 1 to 0, timesteps: [num_steps] on self.device)."""
+        """(sigmas: num_steps + 1 floats from 1 to 0, timesteps: [num_steps] on self.device).
+        sample and evaluate call it before velocity, which may rely on what it sets up."""
         raise NotImplementedError
 
     def velocity(self, x: Tensor, step: int, timesteps: Tensor, sigma: float, inputs: Cond,

@@ -132,12 +132,14 @@ def sample(
         num_steps: T; the schedule comes from the pipeline's scheduler config.
         guidance_scale: CFG scale (one batched forward of 2B; FLUX: its guidance embedding).
         kind, noise_level: the step (see flowsteer.ops.sde_step); steps outside the window are ODE.
-        window: "all", RandomWindow(k), ProgressiveWindow(k, ...) or Branch(at, size).
+        window: "all", RandomWindow(k), ProgressiveWindow(k, ...) or Branch(at, size). In branch
+            mode the model runs once per prompt up to step `at`, that step included.
             iteration feeds ProgressiveWindow.
         seed: makes the rollout reproducible: the initial latents come from
             torch.Generator().manual_seed(seed) (as a pipeline's `generator=` would), the window
             draw from the same seed, and step i's noise from Philox(seed, offset=i).
-        same_noise: every sample of a group starts from the same initial latents (DanceGRPO).
+        same_noise: every sample of a group starts from the same initial latents (DanceGRPO); the
+            model then runs once per prompt until the first stochastic step (that step included).
         decode: decode the final latents to pixels.
         reward_grad: Euphonium guidance: `reward_grad(x, sigma, prompt_index) -> grad` (shape of x),
             fused into each stochastic step as mean + c * G_hat with c = reward_guidance_scale
@@ -172,33 +174,40 @@ def sample(
         prompt_index = torch.arange(P).repeat_interleave(G)
         prompt_index_dev = prompt_index.to(device)
         plan_gen = torch.Generator().manual_seed(seed + 1)
-        # Initial latents: as the pipeline draws them for num_images_per_prompt = G.
-        if same_noise:
-            x = adapter.initial_latents(P, generator, **size).repeat_interleave(G, 0)
-        else:
-            x = adapter.initial_latents(N, generator, **size)
+        # Initial latents: as the pipeline draws them for num_images_per_prompt = G (same_noise:
+        # one per prompt, which the group shares).
+        x = adapter.initial_latents(P if same_noise else N, generator, **size)
         sigmas, timesteps = adapter.schedule(num_steps, x)
         plan = win.plan(num_steps, iteration, plan_gen)
         branch_at = plan.branch_at
-        rows = prompt_index_dev  # the prompt of each row of x
-        if branch_at is not None:
-            if G < 2:
-                raise ValueError("branch mode needs group_size >= 2")
-            x = x[::G].contiguous()  # one trajectory per prompt until the branch step
-            rows = torch.arange(P, device=device)
-        inputs = _chunked_inputs(adapter, cond_p, rows, guidance_scale, max_batch_size)
+        if branch_at is not None and G < 2:
+            raise ValueError("branch mode needs group_size >= 2")
         # A stochastic step with std 0 (cps onto sigma = 0) has no log-prob: run it as ODE.
         stochastic = [s and not (kind == "cps" and sigmas[i + 1] == 0.0) and noise_level > 0 and kind != "ode"
                       for i, s in enumerate(plan.stochastic)]
+        # The G rows of a group stay equal until a step draws noise when they start equal: in branch
+        # mode (one trajectory per prompt until the branch step) and with same_noise. Until then x
+        # holds one row per prompt; at step expand_at the forward still runs on those P rows, and
+        # x and the velocity are expanded to the group before the step draws its noise.
+        expand_at = None
+        if branch_at is not None:
+            expand_at = branch_at
+            if not same_noise:
+                x = x[::G].contiguous()
+        elif same_noise and G > 1:
+            expand_at = next((i for i, s in enumerate(stochastic) if s), num_steps)
+        rows = prompt_index_dev if expand_at is None else torch.arange(P, device=device)  # the prompt of each row
+        inputs = _chunked_inputs(adapter, cond_p, rows, guidance_scale, max_batch_size)
         sde_kwargs = dict(sigma_max=sigmas[1] if sigmas[1] < 1 else None, cps_logprob=cps_logprob,
                           logprob_mean=logprob_mean)
         store_x, store_next, store_lp, store_guidance, steps = [], [], [], [], []
         for i in range(num_steps):
-            if branch_at is not None and i == branch_at:
-                x = x.repeat_interleave(G, 0)
-                rows = prompt_index_dev
-                inputs = _chunked_inputs(adapter, cond_p, rows, guidance_scale, max_batch_size)
             v = _velocity(adapter, x, i, timesteps, sigmas[i], inputs, guidance_scale)
+            if i == expand_at:
+                x, v = x.repeat_interleave(G, 0), v.repeat_interleave(G, 0)
+                rows = prompt_index_dev
+                if i + 1 < num_steps:
+                    inputs = _chunked_inputs(adapter, cond_p, rows, guidance_scale, max_batch_size)
             if stochastic[i]:
                 guidance = None
                 if reward_grad is not None:
@@ -220,6 +229,8 @@ def sample(
             else:
                 out = sde_step(v, x, sigmas[i], sigmas[i + 1], "ode", 0.0, return_mean=False)
             x = out.prev_sample
+        if expand_at == num_steps:
+            x = x.repeat_interleave(G, 0)
         images = adapter.decode(x, **size) if decode else None
 
     def stack(ts, like):
@@ -279,6 +290,7 @@ def evaluate(
     if ref_model is not None:
         ref = as_adapter(ref_model)
         ref.prepare(**rollout.size)
+        ref.schedule(len(rollout.sigmas) - 1, x)  # per-step state such as Wan 2.2's expert choice
         with torch.no_grad():
             ref_inputs = ref.model_inputs(rollout.cond, rows.to(ref.device), rollout.guidance_scale)
             ref_v = ref.velocity(x, i, timesteps, rollout.sigmas[i], ref_inputs, rollout.guidance_scale).contiguous()
