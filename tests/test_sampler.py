@@ -230,3 +230,36 @@ def test_no_host_sync_inside_the_step_loop():
     first, last = events.index("model"), len(events) - 1 - events[::-1].index("model")
     assert events.count("model") == 6
     assert "sync" not in events[first:last], events
+
+
+@pytest.mark.parametrize("extra", [{}, dict(logprob_mean="guided")])
+def test_evaluate_with_one_step_per_sample(extra):
+    """Trainers that shuffle each sample's steps (DDPO, DanceGRPO) evaluate a batch whose rows sit
+    at different steps: one call with per-row timesteps and sigmas gives each row what evaluating
+    its own step gives it, the KL term included."""
+    grad = torch.randn((12,) + SHAPE, generator=torch.Generator().manual_seed(9))
+    kw = dict(reward_grad=lambda x, s, p: grad, reward_guidance_norm="sample", **extra)
+    r = run(**kw)
+    S = len(r.steps)
+    j = torch.randint(0, S, (12,), generator=torch.Generator().manual_seed(1))
+    assert len(set(j.tolist())) > 2
+    other = lambda x, sigma, cond: 0.9 * velocity(x, sigma, cond)  # noqa: E731 (a reference model)
+    ref = flowsteer.sampler.CallableAdapter(other, SHAPE, cond=TARGETS)
+    lp, kl = evaluate(r, j, ref_model=ref)
+    per_step = [evaluate(r, k, ref_model=ref) for k in range(S)]
+    for row in range(12):
+        k = int(j[row])
+        assert torch.equal(lp[row], per_step[k][0][row]) and torch.equal(kl[row], per_step[k][1][row])
+        assert torch.equal(lp[row], r.log_probs[row, k])
+    # A subset of the samples, steps as a list.
+    lp_sub, _ = evaluate(r, [0, S - 1, 1], [5, 0, 11])
+    assert torch.equal(lp_sub, torch.stack([r.log_probs[5, 0], r.log_probs[0, S - 1], r.log_probs[11, 1]]))
+
+
+def test_evaluate_step_errors():
+    r = run()
+    for bad, match in [(6, r"in \[0, 6\)"), ([0, 1], "one int per sample \\(12"), (torch.zeros(12), "float32"),
+                       (torch.full((12,), 6), r"every entry must index rollout.steps, in \[0, 6\)"),
+                       ("a", "step must be an int or one int per sample")]:
+        with pytest.raises(ValueError, match=match):
+            evaluate(r, bad)

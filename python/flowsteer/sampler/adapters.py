@@ -53,9 +53,16 @@ class ModelAdapter:
         sample and evaluate call it before velocity, which may rely on what it sets up."""
         raise NotImplementedError
 
-    def velocity(self, x: Tensor, step: int, timesteps: Tensor, sigma: float, inputs: Cond,
-                 guidance_scale: float) -> Tensor:
+    def velocity(self, x: Tensor, step, timesteps: Tensor, sigma, inputs: Cond, guidance_scale: float) -> Tensor:
+        """The (CFG-combined) velocity of the rows x at schedule step `step`: an int, or, when
+        evaluate is given one step per sample, an int64 CPU tensor [n] of one step per row (then
+        sigma is a list of n floats). `step_timesteps` gives the rows' timesteps either way."""
         raise NotImplementedError
+
+    def expert(self, step: int) -> int:
+        """Which of the model's networks runs step `step` (after schedule); rows of one velocity
+        call with per-row steps share it. Default: one network."""
+        return 0
 
     def decode(self, latents: Tensor, **size) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot decode; pass decode=False")
@@ -110,12 +117,19 @@ class CallableAdapter(ModelAdapter):
         return sigmas, torch.tensor(sigmas[:-1], dtype=torch.float32, device=self.device)
 
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
-        return self.fn(x, timesteps[step].expand(x.shape[0]), inputs["cond"])
+        return self.fn(x, step_timesteps(timesteps, step, x.shape[0]), inputs["cond"])
 
     def decode(self, latents, **size):
         if self.decode_fn is None:
             return super().decode(latents)
         return self.decode_fn(latents)
+
+
+def step_timesteps(timesteps: Tensor, step, n: int) -> Tensor:
+    """The timesteps [n] of n rows at `step`: one schedule index (an int) or one per row ([n])."""
+    if isinstance(step, int):
+        return timesteps[step].expand(n)
+    return timesteps[step.to(timesteps.device)]
 
 
 def _infer_device(cond) -> torch.device:
@@ -131,11 +145,12 @@ def _infer_device(cond) -> torch.device:
 def cfg_velocity(transformer, x: Tensor, guidance_scale: float, scale: Optional[float] = None, **inputs) -> Tensor:
     """One forward of the CFG batch [x; x] (inputs hold [uncond; cond]), combined as
     v_uncond + s (v_cond - v_uncond) with s = scale (default guidance_scale); a plain forward when
-    guidance_scale <= 1. The timestep is a scalar or [1, ...] (per-token), expanded to the batch."""
+    guidance_scale <= 1. The timestep has one row per row of x ([B] or per token [B, seq])."""
     cfg = guidance_scale > 1.0
     x_in = torch.cat([x, x]) if cfg else x
     timestep = inputs.pop("timestep")
-    timestep = timestep.expand(x_in.shape[0], *timestep.shape[1:])
+    if cfg:
+        timestep = torch.cat([timestep, timestep])
     v = transformer(hidden_states=x_in, timestep=timestep, return_dict=False, **inputs)[0]
     if cfg:
         v_uncond, v_text = v.chunk(2)
@@ -245,7 +260,8 @@ class SD3Adapter(_PipelineAdapter):
         return sigmas, timesteps.to(self.device)
 
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
-        return cfg_velocity(self.transformer, x, guidance_scale, timestep=timesteps[step], **inputs)
+        return cfg_velocity(self.transformer, x, guidance_scale, timestep=step_timesteps(timesteps, step, x.shape[0]),
+                            **inputs)
 
     def decode(self, latents, **size):
         vae = self.pipe.vae
@@ -306,7 +322,7 @@ class FluxAdapter(_PipelineAdapter):
         return out, timesteps.to(self.device)
 
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
-        t = timesteps[step].expand(x.shape[0]).to(x.dtype)
+        t = step_timesteps(timesteps, step, x.shape[0]).to(x.dtype)
         return self.transformer(hidden_states=x, timestep=t / 1000, guidance=inputs["guidance"],
                                 pooled_projections=inputs["pooled_projections"],
                                 encoder_hidden_states=inputs["encoder_hidden_states"], txt_ids=inputs["txt_ids"],
@@ -387,19 +403,26 @@ class WanAdapter(_PipelineAdapter):
             self._low_noise = (timesteps < boundary).tolist()
         return sigmas, timesteps.to(self.device)
 
-    def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
+    def expert(self, step):
         if len(self._low_noise) <= step:
-            raise RuntimeError("WanAdapter.velocity: call schedule() first (it decides which expert runs each step)")
-        if self._low_noise[step]:
+            raise RuntimeError("WanAdapter: call schedule() first (it decides which expert runs each step)")
+        return int(self._low_noise[step])
+
+    def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
+        experts = {self.expert(s) for s in ([step] if isinstance(step, int) else step.tolist())}
+        if len(experts) != 1:
+            raise ValueError("WanAdapter.velocity: the rows' steps fall on both experts; call it once per expert "
+                             "(flowsteer.evaluate splits the rows so)")
+        if experts.pop():
             transformer = self._module("transformer_2")
             scale = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
         else:
             transformer, scale = self.transformer, guidance_scale
-        t = timesteps[step]
+        t = step_timesteps(timesteps, step, x.shape[0])
         if self.expand_timesteps:
             # The pipeline's (mask[0][0][:, ::2, ::2] * t).flatten(): one value per latent token.
             frames, height, width = x.shape[2:]
-            t = t.expand(1, frames * ((height + 1) // 2) * ((width + 1) // 2))
+            t = t[:, None].expand(-1, frames * ((height + 1) // 2) * ((width + 1) // 2))
         v = cfg_velocity(transformer, x.to(self.dtype), guidance_scale, scale=scale, timestep=t, **inputs)
         return v.to(x.dtype)
 

@@ -253,39 +253,82 @@ def sample(
         noise_level=noise_level,
         size=size,
         adapter=adapter,
-        sde_options=dict(sde_kwargs, reward_guidance_norm=reward_guidance_norm),
+        # What re-evaluation needs to rebuild the step (the guided mean's coefficient included).
+        sde_options=dict(sde_kwargs, reward_guidance_norm=reward_guidance_norm, guidance_scale=reward_guidance_scale,
+                         scale_by_dt=scale_by_dt),
         guidance=stack(store_guidance, x) if store_guidance else None,
     )
 
 
 def evaluate(
     rollout: Rollout,
-    step: int,
+    step,
     indices: Optional[Tensor] = None,
     *,
     model=None,
     ref_model=None,
     kl: str = "flow_grpo",
 ):
-    """Recompute the log-prob of the rollout's trained step `step` (an index into rollout.steps)
-    for the samples `indices` (default all), with gradients, from the same conditioning.
+    """Recompute the log-prob of the rollout's trained step `step` for the samples `indices`
+    (default all), with gradients, from the same conditioning.
 
+    step: an index into rollout.steps, the same for every sample; or one per sample (a list or
+        int64 CPU tensor as long as indices), as trainers that shuffle each sample's trained steps
+        (DDPO, DanceGRPO) batch them: the rows then go through the model in one batch with per-row
+        timesteps and sigmas (split only where the rows' steps fall on different networks, as
+        Wan 2.2's experts).
     model: the policy (default: the adapter that sampled, whose weights may have moved since).
     ref_model: a frozen reference (a pipeline or adapter) for the KL term, evaluated without grad.
     Returns (log_prob [n], kl [n] or None).
     """
-    if not (isinstance(step, int) and 0 <= step < len(rollout.steps)):
-        raise ValueError(f"step must index rollout.steps, in [0, {len(rollout.steps)}) (got {step!r})")
+    S = len(rollout.steps)
     adapter = rollout.adapter if model is None else as_adapter(model)
     idx = torch.arange(rollout.num_samples) if indices is None else torch.as_tensor(indices, dtype=torch.long)
-    i = rollout.steps[step]
-    x = rollout.latents[idx, step]
-    prev = rollout.next_latents[idx, step]
-    rows = rollout.prompt_index[idx]
+    if isinstance(step, int):
+        if not 0 <= step < S:
+            raise ValueError(f"step must index rollout.steps, in [0, {S}) (got {step!r})")
+        j = step
+    else:
+        try:
+            j = torch.as_tensor(step).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            j = None
+        if j is None or j.dtype.is_floating_point or j.dtype == torch.bool or j.ndim != 1 or j.numel() != idx.numel():
+            raise ValueError(f"step must be an int or one int per sample ({idx.numel()} of them, as indices); got "
+                             f"{step if j is None else ('shape ' + str(tuple(j.shape)) + ' ' + str(j.dtype))}")
+        j = j.long()
+        if j.numel() and not (0 <= int(j.min()) and int(j.max()) < S):
+            raise ValueError(f"step: every entry must index rollout.steps, in [0, {S}) "
+                             f"(got {int(j.min())}..{int(j.max())})")
     adapter.prepare(**rollout.size)
+    x = rollout.latents[idx, j]
     _, timesteps = adapter.schedule(len(rollout.sigmas) - 1, x)
+    if isinstance(j, int):
+        i = rollout.steps[j]
+        sigma, sigma_next = rollout.sigmas[i], rollout.sigmas[i + 1]
+    else:
+        i_list = [rollout.steps[k] for k in j.tolist()]
+        groups: Dict[int, List[int]] = {}
+        for pos, i in enumerate(i_list):
+            groups.setdefault(adapter.expert(i), []).append(pos)
+        if len(groups) > 1:  # rows on different networks: one call per network, back in order
+            parts = [(pos, evaluate(rollout, j[pos], idx[pos], model=adapter, ref_model=ref_model, kl=kl))
+                     for pos in groups.values()]
+            order = torch.tensor([p for pos, _ in parts for p in pos])
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel())
+            lp = torch.cat([out[0] for _, out in parts])
+            kls = [out[1] for _, out in parts]
+            return (lp[inverse.to(lp.device)],
+                    None if kls[0] is None else torch.cat(kls)[inverse.to(lp.device)])
+        i = torch.tensor(i_list, dtype=torch.long)
+        sigma = torch.tensor([rollout.sigmas[k] for k in i_list], dtype=torch.float32)
+        sigma_next = torch.tensor([rollout.sigmas[k + 1] for k in i_list], dtype=torch.float32)
+    prev = rollout.next_latents[idx, j]
+    rows = rollout.prompt_index[idx]
     inputs = adapter.model_inputs(rollout.cond, rows.to(adapter.device), rollout.guidance_scale)
-    v = adapter.velocity(x, i, timesteps, rollout.sigmas[i], inputs, rollout.guidance_scale).contiguous()
+    sig_arg = sigma if isinstance(j, int) else sigma.tolist()
+    v = adapter.velocity(x, i, timesteps, sig_arg, inputs, rollout.guidance_scale).contiguous()
     ref_v = None
     if ref_model is not None:
         ref = as_adapter(ref_model)
@@ -293,11 +336,11 @@ def evaluate(
         ref.schedule(len(rollout.sigmas) - 1, x)  # per-step state such as Wan 2.2's expert choice
         with torch.no_grad():
             ref_inputs = ref.model_inputs(rollout.cond, rows.to(ref.device), rollout.guidance_scale)
-            ref_v = ref.velocity(x, i, timesteps, rollout.sigmas[i], ref_inputs, rollout.guidance_scale).contiguous()
-    guidance = None if rollout.guidance is None else rollout.guidance[idx, step]
+            ref_v = ref.velocity(x, i, timesteps, sig_arg, ref_inputs, rollout.guidance_scale).contiguous()
+    guidance = None if rollout.guidance is None else rollout.guidance[idx, j]
     opts = dict(rollout.sde_options)
     norm = opts.pop("reward_guidance_norm")
-    out = sde_step(v, x, rollout.sigmas[i], rollout.sigmas[i + 1], rollout.kind, rollout.noise_level,
+    out = sde_step(v, x, sigma, sigma_next, rollout.kind, rollout.noise_level,
                    prev_sample=prev, ref_v=ref_v, kl=kl, guidance=guidance, guidance_norm=norm, return_mean=False,
                    **opts)
     return out.log_prob, out.kl
