@@ -130,12 +130,17 @@ def test_benchmark_reference_loop_is_the_same_rollout(kind):
         reference_rollout(pipe, PROMPTS, 2, 4, 4.5, kind, 0.7, 3, 16, 16, 32, noise="numpy")
 
 
-def test_max_batch_size_gives_the_same_rollout(case):
-    """Model calls in chunks of 3 samples (6 rows with CFG) instead of one batch of 4."""
+def test_max_batch_size_gives_the_same_rollout(case, monkeypatch):
+    """Model calls and decodes in chunks of 3 samples (6 rows with CFG) instead of one batch of 4."""
     name, pipe, size, cfg = case
-    kw = dict(group_size=2, num_steps=2, guidance_scale=cfg, seed=4, decode=False, **size)
+    kw = dict(group_size=2, num_steps=2, guidance_scale=cfg, seed=4, decode=True, **size)
     want = flowsteer.sample(pipe, PROMPTS, **kw)
+    decoded = []
+    decode = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, **k: decoded.append(z.shape[0]) or decode(z, **k))
     got = flowsteer.sample(pipe, PROMPTS, max_batch_size=3, **kw)
+    assert decoded == [3, 1]
+    assert torch.allclose(got.images, want.images, rtol=1e-4, atol=1e-4)
     # Batch-size rounding only: up to ~1e-6 relative in the latents here; the log-probs come out equal.
     scale = float(want.final_latents.abs().max())
     assert torch.allclose(got.final_latents, want.final_latents, rtol=1e-5, atol=1e-5 * scale)

@@ -147,7 +147,8 @@ def sample(
         logprob_mean: "unguided" (default: distils the guidance) or "guided".
         compile: torch.compile the transformer (or the velocity function).
         max_batch_size: at most this many samples per model call (with CFG the forward's batch is
-            twice this), for groups too large for memory in one forward; None: one call per step.
+            twice this) and per decode, for groups too large for memory in one forward; None: one
+            call per step.
             Each row's velocity is the same whatever the chunking (to batch-size rounding).
         negative_prompt: the CFG negative prompt of an SD3 or Wan pipeline (default "", as their
             __call__); with an adapter, set it on the adapter instead.
@@ -231,7 +232,11 @@ def sample(
             x = out.prev_sample
         if expand_at == num_steps:
             x = x.repeat_interleave(G, 0)
-        images = adapter.decode(x, **size) if decode else None
+        images = None
+        if decode:  # in chunks of max_batch_size too: a VAE decode can need more memory than the forward
+            chunk = N if max_batch_size is None else max_batch_size
+            parts = [adapter.decode(x[s:s + chunk], **size) for s in range(0, N, chunk)]
+            images = parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def stack(ts, like):
         return torch.stack(ts, dim=1) if ts else like.new_empty((like.shape[0], 0) + tuple(like.shape[1:]))
