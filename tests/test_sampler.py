@@ -1,5 +1,6 @@
 """flowsteer.sample with a bare velocity function: windows, branch mode, reproducibility, the
 on-policy ratio, guidance, and bad input."""
+import numpy as np
 import pytest
 import torch
 
@@ -252,6 +253,8 @@ def test_evaluate_with_one_step_per_sample(extra):
         assert torch.equal(lp[row], per_step[k][0][row]) and torch.equal(kl[row], per_step[k][1][row])
         assert torch.equal(lp[row], r.log_probs[row, k])
     # A subset of the samples, steps as a list.
+    for one in (torch.tensor(2), np.int64(2)):  # a 0-d integer is one step for all
+        assert torch.equal(evaluate(r, one)[0], per_step[2][0])
     lp_sub, _ = evaluate(r, [0, S - 1, 1], [5, 0, 11])
     assert torch.equal(lp_sub, torch.stack([r.log_probs[5, 0], r.log_probs[0, S - 1], r.log_probs[11, 1]]))
 

@@ -289,22 +289,25 @@ def evaluate(
     S = len(rollout.steps)
     adapter = rollout.adapter if model is None else as_adapter(model)
     idx = torch.arange(rollout.num_samples) if indices is None else torch.as_tensor(indices, dtype=torch.long)
-    if isinstance(step, int):
-        if not 0 <= step < S:
-            raise ValueError(f"step must index rollout.steps, in [0, {S}) (got {step!r})")
-        j = step
-    else:
+    j = step
+    if not isinstance(step, int):
         try:
             j = torch.as_tensor(step).cpu()
         except (TypeError, ValueError, RuntimeError):
             j = None
-        if j is None or j.dtype.is_floating_point or j.dtype == torch.bool or j.ndim != 1 or j.numel() != idx.numel():
+        integer = j is not None and not (j.dtype.is_floating_point or j.dtype.is_complex or j.dtype == torch.bool)
+        if integer and j.ndim == 0:
+            j = int(j)  # one step for all: a numpy or 0-d tensor integer
+        elif not (integer and j.ndim == 1 and j.numel() == idx.numel()):
             raise ValueError(f"step must be an int or one int per sample ({idx.numel()} of them, as indices); got "
                              f"{step if j is None else ('shape ' + str(tuple(j.shape)) + ' ' + str(j.dtype))}")
-        j = j.long()
-        if j.numel() and not (0 <= int(j.min()) and int(j.max()) < S):
-            raise ValueError(f"step: every entry must index rollout.steps, in [0, {S}) "
-                             f"(got {int(j.min())}..{int(j.max())})")
+        else:
+            j = j.long()
+            if j.numel() and not (0 <= int(j.min()) and int(j.max()) < S):
+                raise ValueError(f"step: every entry must index rollout.steps, in [0, {S}) "
+                                 f"(got {int(j.min())}..{int(j.max())})")
+    if isinstance(j, int) and not 0 <= j < S:
+        raise ValueError(f"step must index rollout.steps, in [0, {S}) (got {step!r})")
     adapter.prepare(**rollout.size)
     x = rollout.latents[idx, j]
     _, timesteps = adapter.schedule(len(rollout.sigmas) - 1, x)
