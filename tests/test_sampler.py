@@ -49,6 +49,30 @@ def test_rollout_shapes_and_on_policy_ratio(kind, noise_level):
         assert float((torch.exp(lp - r.log_probs[:, j]) - 1).abs().max()) < 1e-6
 
 
+def test_consecutive_steps_share_one_trajectory():
+    """latents and next_latents are views of one [N, S + 1] trajectory: S + 1 slots, not 2S."""
+    for window in ["all", RandomWindow(3), Branch(2)]:
+        r = run(window=window)
+        S = len(r.steps)
+        assert r.latents.untyped_storage().data_ptr() == r.next_latents.untyped_storage().data_ptr()
+        assert r.latents.untyped_storage().nbytes() == 12 * (S + 1) * r.latents[0, 0].numel() * 4
+        assert torch.equal(r.next_latents[:, :-1], r.latents[:, 1:])
+        if r.steps[-1] == 5:
+            assert torch.equal(r.next_latents[:, -1], r.final_latents)
+    # Steps that are not consecutive (a custom window) are stored apart.
+
+    class EveryOther(flowsteer.sampler.SDEWindow):
+        def plan(self, num_steps, iteration, generator):
+            return flowsteer.sampler.WindowPlan([i % 2 == 0 for i in range(num_steps)])
+
+    r = run(window=EveryOther())
+    assert r.steps == [0, 2, 4] and r.latents.shape == r.next_latents.shape == (12, 3) + SHAPE
+    assert r.latents.untyped_storage().data_ptr() != r.next_latents.untyped_storage().data_ptr()
+    for j in range(3):
+        lp, _ = evaluate(r, j)
+        assert torch.equal(lp, r.log_probs[:, j])
+
+
 def test_same_seed_same_rollout_and_seed_matters():
     a, b, c = run(), run(), run(seed=4)
     assert torch.equal(a.final_latents, b.final_latents) and torch.equal(a.log_probs, b.log_probs)

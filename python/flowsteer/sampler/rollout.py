@@ -17,7 +17,9 @@ Tensor = torch.Tensor
 class Rollout:
     """One batch of N = P * G samples (P prompts, G per group) and what training needs of it.
 
-    latents, next_latents: [N, S, ...] the latents before and after each of the S trained steps.
+    latents, next_latents: [N, S, ...] the latents before and after each of the S trained steps;
+        when the steps are consecutive (every built-in window), overlapping views of one
+        [N, S + 1, ...] trajectory (next_latents[:, k] is latents[:, k + 1]): write to neither.
     log_probs: [N, S] fp32, the log-probs of those steps as sampled.
     steps: the S step indices into the schedule; sigmas: the T + 1 schedule sigmas (floats).
     final_latents: [N, ...]; images: [N, 3, H, W] in [0, 1] (videos [N, F, 3, H, W]) or None.
@@ -202,6 +204,12 @@ def sample(
         sde_kwargs = dict(sigma_max=sigmas[1] if sigmas[1] < 1 else None, cps_logprob=cps_logprob,
                           logprob_mean=logprob_mean)
         store_x, store_next, store_lp, store_guidance, steps = [], [], [], [], []
+        # Every built-in window trains consecutive steps: then the latents before and after them
+        # go into one [N, S + 1, ...] trajectory, latents and next_latents its overlapping views
+        # (S + 1 slots of memory instead of 2S, and no stacking copies at the end).
+        trained = [i for i, s in enumerate(stochastic) if s]
+        consecutive = bool(trained) and trained == list(range(trained[0], trained[0] + len(trained)))
+        traj = None
         for i in range(num_steps):
             v = _velocity(adapter, x, i, timesteps, sigmas[i], inputs, guidance_scale)
             if i == expand_at:
@@ -221,8 +229,14 @@ def sample(
                                guidance=guidance, guidance_scale=reward_guidance_scale,
                                guidance_norm=reward_guidance_norm, scale_by_dt=scale_by_dt, return_mean=False,
                                **sde_kwargs)
-                store_x.append(x)
-                store_next.append(out.prev_sample)
+                if consecutive:
+                    if traj is None:
+                        traj = x.new_empty((x.shape[0], len(trained) + 1) + tuple(x.shape[1:]))
+                        traj[:, 0] = x
+                    traj[:, len(steps) + 1] = out.prev_sample
+                else:
+                    store_x.append(x)
+                    store_next.append(out.prev_sample)
                 store_lp.append(out.log_prob)
                 steps.append(i)
                 if guidance is not None and logprob_mean == "guided":
@@ -242,8 +256,8 @@ def sample(
         return torch.stack(ts, dim=1) if ts else like.new_empty((like.shape[0], 0) + tuple(like.shape[1:]))
 
     return Rollout(
-        latents=stack(store_x, x),
-        next_latents=stack(store_next, x),
+        latents=traj[:, :-1] if traj is not None else stack(store_x, x),
+        next_latents=traj[:, 1:] if traj is not None else stack(store_next, x),
         log_probs=torch.stack(store_lp, dim=1) if store_lp else x.new_empty((N, 0), dtype=torch.float32),
         steps=steps,
         sigmas=sigmas,
