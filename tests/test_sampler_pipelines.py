@@ -304,3 +304,66 @@ def test_evaluate_with_one_step_per_sample_on_pipelines(name, wan22):
         for m in modules:
             m.zero_grad(set_to_none=True)
             m.requires_grad_(False)
+
+
+@pytest.mark.parametrize("how", ["diffusers", "peft"])
+def test_ref_model_base_switches_the_lora_adapters_off(how):
+    """LoRA training's reference: the policy with its adapters off. Its KL equals the KL against a
+    separate copy of the base model; gradients reach only the LoRA weights; the adapters are back
+    on afterwards."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                             init_lora_weights=False)  # random A and B: the policy differs from the base
+    pipe, base = pipelines.tiny_sd3_pipeline(0), pipelines.tiny_sd3_pipeline(0)
+    if how == "diffusers":
+        pipe.transformer.add_adapter(config)
+    else:
+        pipe.transformer = peft.get_peft_model(pipe.transformer, config)
+    lora = [p for n, p in pipe.transformer.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for p in lora)
+    kw = dict(group_size=2, num_steps=3, height=16, width=16, decode=False, seed=2)
+    r = flowsteer.sample(pipe, PROMPTS, **kw)
+    lp, kl = flowsteer.evaluate(r, 1, ref_model="base")
+    with torch.no_grad():
+        _, kl_copy = flowsteer.evaluate(r, 1, ref_model=base)
+    assert float(kl.detach().abs().max()) > 0
+    assert torch.allclose(kl.detach(), kl_copy, rtol=1e-5, atol=1e-7)
+    (lp.sum() + kl.sum()).backward()
+    named = dict(pipe.transformer.named_parameters())
+    assert all(p.grad is not None for p in lora)
+    assert all(named[n].grad is None for n in named if "lora_" not in n)
+    # The adapters are on again: the policy's rollout is reproduced.
+    again = flowsteer.sample(pipe, PROMPTS, **kw)
+    assert torch.equal(again.log_probs, r.log_probs)
+
+
+def test_ref_model_base_errors():
+    pipe = pipelines.tiny_sd3_pipeline(0)
+    r = flowsteer.sample(pipe, PROMPTS, group_size=2, num_steps=2, height=16, width=16, decode=False)
+    with pytest.raises(ValueError, match="needs LoRA adapters on the transformer"):
+        flowsteer.evaluate(r, 0, ref_model="base")
+    with pytest.raises(ValueError, match="ref_model must be a pipeline, an adapter, or 'base'"):
+        flowsteer.evaluate(r, 0, ref_model="frozen")
+
+
+def test_readme_trainer_snippet_runs():
+    """README.md's "Rollouts inside your own trainer" block, on the tiny SD3 pipeline on the CPU."""
+    import pathlib
+    import re
+
+    pytest.importorskip("peft")
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Rollouts inside your own trainer", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    line = next(ln for ln in code.splitlines() if "from_pretrained" in ln)
+    code = code.replace(line, "pipe = pipelines.tiny_sd3_pipeline(0)")
+    code = code.replace("group_size=16", "group_size=2, height=16, width=16")
+    before = {n: p.detach().clone() for n, p in pipelines.tiny_sd3_pipeline(0).transformer.named_parameters()}
+    scope = dict(pipelines=pipelines, torch=torch, prompts=PROMPTS, step=0,
+                 my_reward=lambda images, prompts: images.mean(dim=(1, 2, 3)))
+    exec(compile(code, "README.md", "exec"), scope)
+    pipe = scope["pipe"]
+    after = {n.replace(".base_layer", ""): p for n, p in pipe.transformer.named_parameters()}
+    assert any("lora_" in n for n in after)
+    assert all(torch.equal(after[n], before[n]) for n in before)  # the base weights stay frozen
+    assert any(not torch.equal(p, 0 * p) for n, p in after.items() if "lora_B" in n)  # the LoRA ones moved

@@ -5,6 +5,7 @@ schedule, velocity and (optionally) decode. The loop never looks inside the mode
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -67,6 +68,12 @@ class ModelAdapter:
     def decode(self, latents: Tensor, **size) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot decode; pass decode=False")
 
+    def lora_disabled(self):
+        """A context in which velocity runs the base model, its LoRA adapters switched off: the
+        reference model of LoRA training (`evaluate(..., ref_model="base")`)."""
+        raise ValueError(f"{type(self).__name__} has no LoRA adapters to switch off; pass ref_model as a "
+                         "pipeline or adapter")
+
 
 class CallableAdapter(ModelAdapter):
     """A bare `velocity_fn(x, sigma, cond) -> v`: sigma is an fp32 [B] tensor, cond the rows of
@@ -123,6 +130,18 @@ class CallableAdapter(ModelAdapter):
         if self.decode_fn is None:
             return super().decode(latents)
         return self.decode_fn(latents)
+
+
+class _DiffusersAdaptersOff:
+    def __init__(self, net):
+        self.net = net
+
+    def __enter__(self):
+        self.net.disable_adapters()
+
+    def __exit__(self, *exc):
+        self.net.enable_adapters()
+        return False
 
 
 def step_timesteps(timesteps: Tensor, step, n: int) -> Tensor:
@@ -187,6 +206,31 @@ class _PipelineAdapter(ModelAdapter):
     @property
     def transformer(self):
         return self._module("transformer")
+
+    def networks(self) -> List[Any]:
+        """The pipeline's denoising networks (the ones LoRA training adapts)."""
+        return [self.pipe.transformer]
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """The networks' LoRA adapters off for the context: diffusers' `disable_adapters` on a
+        model with adapters added (`add_adapter`, `load_lora_adapter`), or a peft `PeftModel`'s
+        `disable_adapter()`; back on afterwards, whatever happens inside."""
+        contexts = []
+        for net in self.networks():
+            if net is None:
+                continue
+            if callable(getattr(net, "disable_adapter", None)) and not getattr(net, "_hf_peft_config_loaded", False):
+                contexts.append(net.disable_adapter())  # peft.PeftModel
+            elif getattr(net, "_hf_peft_config_loaded", False):
+                contexts.append(_DiffusersAdaptersOff(net))
+        if not contexts:
+            raise ValueError("ref_model='base' needs LoRA adapters on the transformer (peft, through diffusers' "
+                             "add_adapter / load_lora_adapter or a peft PeftModel); none were found")
+        with contextlib.ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(c)
+            yield
 
     @property
     def device(self):
@@ -402,6 +446,9 @@ class WanAdapter(_PipelineAdapter):
             boundary = self.boundary_ratio * self.pipe.scheduler.config.num_train_timesteps
             self._low_noise = (timesteps < boundary).tolist()
         return sigmas, timesteps.to(self.device)
+
+    def networks(self):
+        return [self.pipe.transformer, getattr(self.pipe, "transformer_2", None)]
 
     def expert(self, step):
         if len(self._low_noise) <= step:

@@ -1,6 +1,7 @@
 """The rollout loop: SDE sampling with per-step log-probs, and their re-evaluation for training."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -297,7 +298,9 @@ def evaluate(
         timesteps and sigmas (split only where the rows' steps fall on different networks, as
         Wan 2.2's experts).
     model: the policy (default: the adapter that sampled, whose weights may have moved since).
-    ref_model: a frozen reference (a pipeline or adapter) for the KL term, evaluated without grad.
+    ref_model: a frozen reference (a pipeline or adapter) for the KL term, evaluated without grad;
+        or "base": the policy itself with its LoRA adapters switched off for that forward, the
+        reference of LoRA training (Flow-GRPO's `disable_adapter()`).
     Returns (log_prob [n], kl [n] or None).
     """
     S = len(rollout.steps)
@@ -353,10 +356,16 @@ def evaluate(
     v = adapter.velocity(x, i, timesteps, sig_arg, inputs, rollout.guidance_scale).contiguous()
     ref_v = None
     if ref_model is not None:
-        ref = as_adapter(ref_model)
-        ref.prepare(**rollout.size)
-        ref.schedule(len(rollout.sigmas) - 1, x)  # per-step state such as Wan 2.2's expert choice
-        with torch.no_grad():
+        if isinstance(ref_model, str):
+            if ref_model != "base":
+                raise ValueError(f"ref_model must be a pipeline, an adapter, or 'base' (the policy with its LoRA "
+                                 f"adapters switched off); got {ref_model!r}")
+            ref, switch = adapter, adapter.lora_disabled()
+        else:
+            ref, switch = as_adapter(ref_model), contextlib.nullcontext()
+            ref.prepare(**rollout.size)
+            ref.schedule(len(rollout.sigmas) - 1, x)  # per-step state such as Wan 2.2's expert choice
+        with torch.no_grad(), switch:
             ref_inputs = ref.model_inputs(rollout.cond, rows.to(ref.device), rollout.guidance_scale)
             ref_v = ref.velocity(x, i, timesteps, sig_arg, ref_inputs, rollout.guidance_scale).contiguous()
     guidance = None if rollout.guidance is None else rollout.guidance[idx, j]
