@@ -72,6 +72,13 @@ def test_consecutive_steps_share_one_trajectory():
         lp, _ = evaluate(r, j)
         assert torch.equal(lp, r.log_probs[:, j])
 
+    class BadBranch(flowsteer.sampler.SDEWindow):
+        def plan(self, num_steps, iteration, generator):
+            return flowsteer.sampler.WindowPlan([True] * num_steps, branch_at=2)
+
+    with pytest.raises(ValueError, match="before its branch step 2 must be deterministic"):
+        run(window=BadBranch())
+
 
 def test_same_seed_same_rollout_and_seed_matters():
     a, b, c = run(), run(), run(seed=4)

@@ -195,6 +195,9 @@ def sample(
         # x and the velocity are expanded to the group before the step draws its noise.
         expand_at = None
         if branch_at is not None:
+            if any(stochastic[:branch_at]):
+                raise ValueError(f"window {type(win).__name__}: the steps before its branch step {branch_at} must be "
+                                 "deterministic (one trajectory per prompt runs them)")
             expand_at = branch_at
             if not same_noise:
                 x = x[::G].contiguous()
