@@ -297,3 +297,16 @@ def test_evaluate_step_errors():
                        ("a", "step must be an int or one int per sample")]:
         with pytest.raises(ValueError, match=match):
             evaluate(r, bad)
+
+
+@pytest.mark.parametrize("window", [RandomWindow(2), Branch(3)])
+def test_shared_prefix_with_chunks_and_guidance(window):
+    """same_noise or branch mode (rows shared per prompt first), chunked model calls and fused
+    guidance together: the same rollout as without chunks, and evaluate reproduces it."""
+    grad = torch.randn((12,) + SHAPE, generator=torch.Generator().manual_seed(9))
+    kw = dict(same_noise=True, window=window, reward_grad=lambda x, s, p: grad[: x.shape[0]], logprob_mean="guided")
+    want, got = run(**kw), run(max_batch_size=5, **kw)
+    assert torch.equal(got.final_latents, want.final_latents) and torch.equal(got.log_probs, want.log_probs)
+    assert torch.equal(got.latents[0, 0], got.latents[3, 0])  # one start per group
+    for j in range(len(got.steps)):
+        assert torch.equal(evaluate(got, j)[0], got.log_probs[:, j])
