@@ -367,3 +367,28 @@ def test_readme_trainer_snippet_runs():
     assert any("lora_" in n for n in after)
     assert all(torch.equal(after[n], before[n]) for n in before)  # the base weights stay frozen
     assert any(not torch.equal(p, 0 * p) for n, p in after.items() if "lora_B" in n)  # the LoRA ones moved
+
+
+def test_compiled_adapter_compiles_each_transformer_once(monkeypatch):
+    """compile=True: torch.compile once per module object, again when the pipeline's transformer
+    is replaced (LoRA wrapping), both experts of Wan 2.2. (torch.compile stubbed: the wiring only.)"""
+    compiled = []
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pipe = pipelines.tiny_sd3_pipeline(0)
+    model = flowsteer.sampler.SD3Adapter(pipe, compile=True)
+    kw = dict(group_size=1, num_steps=2, height=16, width=16, decode=False)
+    flowsteer.sample(model, PROMPTS, **kw)
+    flowsteer.sample(model, PROMPTS, **kw)
+    assert compiled == [pipe.transformer]
+    pipe.transformer = pipelines.tiny_sd3_pipeline(1).transformer
+    flowsteer.sample(model, PROMPTS, **kw)
+    assert len(compiled) == 2 and compiled[1] is pipe.transformer
+    wan = pipelines.tiny_wan_pipeline(0, boundary_ratio=0.875)
+    compiled.clear()
+    flowsteer.sample(wan, PROMPTS, compile=True, num_steps=3, decode=False, **WAN_SIZE)
+    assert compiled == [wan.transformer, wan.transformer_2]
