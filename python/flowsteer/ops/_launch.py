@@ -6,6 +6,7 @@ tensors arrive as fp32 [B]. The codes below are the binding contract with csrc/i
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -27,6 +28,12 @@ Tensor = torch.Tensor
 # writes fails the comparison with the reference instead of passing on stale memory.
 POISON_OUTPUTS = False
 
+
+
+def _current_device(device: torch.device):
+    """device as the current CUDA device for a Triton launch (Triton launches on the current device
+    and stream, not the tensors'); nothing on the CPU (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 def _empty(*shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     dtype = like.dtype if dtype is None else dtype
@@ -88,12 +95,13 @@ def sde_forward(
     common = dict(kind=kind, lp_form=lp_form, kl_form=kl_form, reduce_mean=reduce_mean, lp_guided=lp_guided,
                   noise_level=float(noise_level), sigma_max=float(sigma_max))
     if backend == "triton":
-        _backend.triton_module("sde_step").sde_forward(
-            v=_flat(v), x=_flat(x), noise=_flat(noise), prev_sample=_flat(prev_sample), guidance=_flat(guidance),
-            ref_v=_flat(ref_v), sigma=sigma, sigma_next=sigma_next, guidance_coef=guidance_coef,
-            out_sample=_flat(sample) if prev_sample is None else None, out_mean=_flat(mean) if want_mean else None,
-            out_log_prob=log_prob if want_log_prob else None, out_std=std, out_kl=kl if ref_v is not None else None,
-            seed=seed, offset=offset, **common)
+        with _current_device(x.device):  # Triton launches on the current CUDA device
+            _backend.triton_module("sde_step").sde_forward(
+                v=_flat(v), x=_flat(x), noise=_flat(noise), prev_sample=_flat(prev_sample), guidance=_flat(guidance),
+                ref_v=_flat(ref_v), sigma=sigma, sigma_next=sigma_next, guidance_coef=guidance_coef,
+                out_sample=_flat(sample) if prev_sample is None else None, out_mean=_flat(mean) if want_mean else None,
+                out_log_prob=log_prob if want_log_prob else None, out_std=std, out_kl=kl if ref_v is not None else None,
+                seed=seed, offset=offset, **common)
         return sample, mean, log_prob, std, kl
     C = _backend.extension()
     numel = x[0].numel()
@@ -178,12 +186,13 @@ def sde_backward(
     common = dict(kind=kind, lp_form=lp_form, kl_form=kl_form, reduce_mean=reduce_mean, lp_guided=lp_guided,
                   noise_level=float(noise_level), sigma_max=float(sigma_max))
     if backend == "triton":
-        _backend.triton_module("sde_step").sde_backward(
-            v=_flat(v), x=_flat(x), sample=_flat(sample), guidance=_flat(guidance), ref_v=_flat(ref_v),
-            sigma=sigma, sigma_next=sigma_next, guidance_coef=guidance_coef, grad_log_prob=grad_log_prob,
-            grad_kl=grad_kl, grad_mean=_flat(grad_mean), grad_sample=_flat(grad_sample),
-            grad_v=_flat(grad_v) if want_grad_v else None, grad_x=_flat(grad_x) if want_grad_x else None,
-            grad_ref_v=_flat(grad_ref_v) if want_grad_ref_v else None, **common)
+        with _current_device(x.device):  # Triton launches on the current CUDA device
+            _backend.triton_module("sde_step").sde_backward(
+                v=_flat(v), x=_flat(x), sample=_flat(sample), guidance=_flat(guidance), ref_v=_flat(ref_v),
+                sigma=sigma, sigma_next=sigma_next, guidance_coef=guidance_coef, grad_log_prob=grad_log_prob,
+                grad_kl=grad_kl, grad_mean=_flat(grad_mean), grad_sample=_flat(grad_sample),
+                grad_v=_flat(grad_v) if want_grad_v else None, grad_x=_flat(grad_x) if want_grad_x else None,
+                grad_ref_v=_flat(grad_ref_v) if want_grad_ref_v else None, **common)
         return grad_v, grad_x, grad_ref_v
     C = _backend.extension()
     args = dict(
@@ -244,7 +253,8 @@ def philox_normal(backend: str, n: int, seed: int, offset: int, device: torch.de
     if backend == "torch":
         out.copy_(reference.philox_normal(n, seed, offset, dtype=torch.float32))
     elif backend == "triton":
-        _backend.triton_module("sde_step").philox_normal(out, seed, offset)
+        with _current_device(out.device):  # Triton launches on the current CUDA device
+            _backend.triton_module("sde_step").philox_normal(out, seed, offset)
     elif backend == "cpu":
         _backend.extension().philox_normal_cpu(out.data_ptr(), n, seed, offset)
     else:
@@ -273,9 +283,10 @@ def group_zscore(backend: str, rewards: Tensor, group_ids: Tensor, weights: Tens
     # GPU: the segments come from torch (a sort); the kernel then normalises every group in one launch.
     order, offsets, counts = _segments(group_ids)
     if backend == "triton":
-        _backend.triton_module("group_advantages").group_advantages(
-            rewards=rewards, order=order, offsets=offsets, weights=weights, global_std=global_std, out=out,
-            std_mode=std_mode, eps=eps, clip=clip)
+        with _current_device(rewards.device):  # Triton launches on the current CUDA device
+            _backend.triton_module("group_advantages").group_advantages(
+                rewards=rewards, order=order, offsets=offsets, weights=weights, global_std=global_std, out=out,
+                std_mode=std_mode, eps=eps, clip=clip)
     else:
         with torch.cuda.device(rewards.device):
             _backend.extension().group_advantages_cuda(
@@ -300,7 +311,8 @@ def win_rate(backend: str, prefs: Tensor) -> Tensor:
     if backend == "torch":
         out.copy_(reference.win_rate(prefs))
     elif backend == "triton":
-        _backend.triton_module("group_advantages").win_rate(prefs=prefs, out=out)
+        with _current_device(prefs.device):  # Triton launches on the current CUDA device
+            _backend.triton_module("group_advantages").win_rate(prefs=prefs, out=out)
     elif backend == "cpu":
         _backend.extension().win_rate_cpu(prefs=prefs.data_ptr(), out=out.data_ptr(), m=m, g=g)
     else:
@@ -343,8 +355,9 @@ def pareto_mask(backend: str, rewards: Tensor, group_ids: Tensor) -> Tensor:
         return out
     order, offsets, counts = _segments(group_ids)
     if backend == "triton":
-        _backend.triton_module("group_advantages").pareto_mask(rewards=rewards, order=order, offsets=offsets, out=out,
-                                                                max_group=int(counts.max()))
+        with _current_device(rewards.device):  # Triton launches on the current CUDA device
+            _backend.triton_module("group_advantages").pareto_mask(
+                rewards=rewards, order=order, offsets=offsets, out=out, max_group=int(counts.max()))
     else:
         with torch.cuda.device(rewards.device):
             _backend.extension().pareto_mask_cuda(rewards=rewards.data_ptr(), order=order.data_ptr(),
