@@ -317,3 +317,55 @@ def test_compile_a_velocity_function():
     want, got = run(), run(compile=True)
     assert torch.allclose(got.final_latents, want.final_latents, rtol=1e-5, atol=1e-5)
     assert torch.allclose(got.log_probs, want.log_probs, rtol=1e-5, atol=1e-5)
+
+
+def test_guided_log_probs_re_evaluate_on_minibatches():
+    """The guided mean's batch norm is the whole step's: evaluate on any subset of the rows, or
+    with one step per sample, rebuilds it from the coefficients kept at sampling."""
+    grad = torch.randn((12,) + SHAPE, generator=torch.Generator().manual_seed(9))
+    r = run(reward_grad=lambda x, s, p: grad, reward_guidance_norm="batch", reward_guidance_scale=0.5,
+            logprob_mean="guided")
+    assert r.guidance_coef.shape == (12, len(r.steps))
+    for rows in ([0, 1, 2, 3], [11], list(range(12))):
+        for j in range(len(r.steps)):
+            assert torch.equal(evaluate(r, j, rows)[0], r.log_probs[rows, j])
+    steps = torch.arange(12) % len(r.steps)
+    assert torch.equal(evaluate(r, steps)[0], r.log_probs[torch.arange(12), steps])
+
+
+def test_one_step_rollouts():
+    """num_steps = 1: Flow-GRPO's sigma~ at sigma = 1 is sigmas[1] = 0, so its std is a."""
+    for kind in ("flow", "dance"):
+        r = run(num_steps=1, kind=kind)
+        assert r.steps == [0] and torch.isfinite(r.log_probs).all()
+        assert torch.equal(evaluate(r, 0)[0], r.log_probs[:, 0])
+
+
+def test_sample_and_evaluate_argument_errors():
+    with pytest.raises(ValueError, match="noise_level must be a finite float >= 0"):
+        run(noise_level=-0.7)
+    with pytest.raises(ValueError, match="noise_level must be a finite float >= 0"):
+        run(noise_level=float("nan"))
+    with pytest.raises(ValueError, match="kind"):
+        run(kind="flwo", noise_level=0.0)
+    with pytest.raises(ValueError, match="reward_guidance_norm"):
+        run(reward_guidance_norm="global")
+    with pytest.raises(ValueError, match="cannot decode"):
+        flowsteer.sample(velocity, ["a"], latent_shape=SHAPE, cond=TARGETS[:1])
+    r = run()
+    mask = torch.zeros(12, dtype=torch.bool)
+    mask[[4, 7, 9]] = True
+    assert torch.equal(evaluate(r, 0, mask)[0], r.log_probs[[4, 7, 9], 0])  # a bool mask selects those rows
+    for bad, match in [([4.9, 7.2], "1-D list or tensor of sample indices"), ([], "at least one sample"),
+                       ([12], r"in \[0, 12\)"), (torch.ones(3, dtype=torch.bool), "bool mask must be"),
+                       ([[0, 1]], "1-D list")]:
+        with pytest.raises(ValueError, match=match):
+            evaluate(r, 0, bad)
+    # A model whose schedule is not the rollout's (another shift) would evaluate at the wrong sigmas.
+    r3 = run(shift=3.0)
+    with pytest.raises(ValueError, match="model: its schedule"):
+        evaluate(r3, 0, model=flowsteer.sampler.CallableAdapter(velocity, SHAPE, cond=TARGETS))
+    with pytest.raises(ValueError, match="ref_model: its schedule"):
+        evaluate(r3, 0, ref_model=flowsteer.sampler.CallableAdapter(velocity, SHAPE, cond=TARGETS))
+    lp, _ = evaluate(r3, 0, model=flowsteer.sampler.CallableAdapter(velocity, SHAPE, cond=TARGETS, shift=3.0))
+    assert torch.equal(lp, r3.log_probs[:, 0])

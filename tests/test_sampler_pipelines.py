@@ -392,3 +392,56 @@ def test_compiled_adapter_compiles_each_transformer_once(monkeypatch):
     compiled.clear()
     flowsteer.sample(wan, PROMPTS, compile=True, num_steps=3, decode=False, **WAN_SIZE)
     assert compiled == [wan.transformer, wan.transformer_2]
+
+
+def test_wan_with_its_checkpoint_scheduler():
+    """Wan's checkpoints ship UniPCMultistepScheduler(use_flow_sigmas, flow_shift): the rollout
+    takes the Euler schedule of the same shift (sigmas from exactly 1, where Flow-GRPO's std needs
+    sigma_max; UniPC's own start at 1 - 1e-6 and made the first step's std ~1000 a). Its ODE
+    latents are those of the pipeline with the Euler scheduler."""
+    from diffusers import DDIMScheduler, UniPCMultistepScheduler
+
+    pipe = pipelines.tiny_wan_pipeline(0)
+    euler = pipe.scheduler
+    pipe.scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, flow_shift=3.0, use_flow_sigmas=True,
+                                             prediction_type="flow_prediction")
+    r = flowsteer.sample(pipe, PROMPTS, group_size=2, num_steps=4, seed=1, decode=False, **WAN_SIZE)
+    assert r.sigmas[0] == 1.0
+    assert float(r.next_latents.abs().max()) < 10 * float(r.latents[:, 0].abs().max())
+    ode = flowsteer.sample(pipe, PROMPTS, group_size=2, num_steps=4, seed=5, kind="ode", noise_level=0.0,
+                           decode=False, **WAN_SIZE)
+    pipe.scheduler = euler
+    want = _wan_latents(pipe, 4)
+    assert torch.allclose(ode.final_latents, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    pipe.scheduler = DDIMScheduler()
+    try:
+        with pytest.raises(ValueError, match="DDIMScheduler is not a flow-matching scheduler"):
+            flowsteer.sample(pipe, PROMPTS, decode=False, **WAN_SIZE)
+    finally:
+        pipe.scheduler = euler
+
+
+def test_evaluate_with_pipelines_keeps_the_rollout_s_adapter_settings(wan22):
+    """guidance_scale_2 (and the negative prompt, T5 length) carry over when evaluate is given a
+    pipeline as the policy or the reference."""
+    model = flowsteer.sampler.WanAdapter(wan22, guidance_scale_2=2.0)
+    r = flowsteer.sample(model, PROMPTS, group_size=2, num_steps=3, guidance_scale=4.5, seed=1, decode=False,
+                         **WAN_SIZE)
+    with torch.no_grad():
+        for j in range(len(r.steps)):
+            lp, kl = flowsteer.evaluate(r, j, model=wan22, ref_model=wan22)
+            assert torch.equal(lp, r.log_probs[:, j]) and torch.equal(kl, torch.zeros_like(kl))
+
+
+def test_pipeline_size_and_model_errors():
+    flux = pipelines.tiny_flux_pipeline(0)
+    r = flowsteer.sample(flux, PROMPTS, num_steps=2, height=32, decode=True)  # width from the default
+    assert r.images.shape[0] == 2
+    with pytest.raises(ValueError, match="height must be a multiple of 16"):
+        flowsteer.sample(pipelines.tiny_wan_pipeline(0), PROMPTS, decode=False, height=24, width=16, num_frames=5)
+    sd3 = pipelines.tiny_sd3_pipeline(0)
+    with pytest.raises(TypeError, match="pass the pipeline that holds it"):
+        flowsteer.sample(sd3.transformer, PROMPTS, decode=False)
+    r = flowsteer.sample(sd3, PROMPTS, num_steps=2, height=16, width=16, decode=False)
+    with pytest.raises(TypeError, match="pass the pipeline that holds it"):
+        flowsteer.evaluate(r, 0, ref_model=sd3.transformer)

@@ -4,12 +4,13 @@ pure-torch statement of every formula."""
 from . import reference
 from .advantages import group_advantages, pareto_mask, win_rate
 from .loss import GRPOLossStats, grpo_loss
-from .sde import SDEStepOutput, philox_normal, sde_kl, sde_log_prob, sde_step
+from .sde import SDEStepOutput, guidance_coefficient, philox_normal, sde_kl, sde_log_prob, sde_step
 
 __all__ = [
     "SDEStepOutput",
     "GRPOLossStats",
     "group_advantages",
+    "guidance_coefficient",
     "grpo_loss",
     "pareto_mask",
     "philox_normal",

@@ -186,7 +186,7 @@ def sde_step(
     prev_sample: Optional[Tensor] = None,
     sigma_max: Optional[float] = None,
     guidance: Optional[Tensor] = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: Union[float, Tensor] = 1.0,
     guidance_norm: str = "none",
     scale_by_dt: bool = False,
     logprob_mean: str = "unguided",
@@ -208,10 +208,11 @@ def sde_step(
             normals from (seed, offset): element i of the flattened batch uses counter i // 4.
             seed defaults to one drawn from torch's default CPU generator.
         prev_sample: [B, ...] evaluate mode: nothing is drawn; log_prob is that of prev_sample.
-        sigma_max: Flow-GRPO's sigma~ at sigma == 1 (its sigmas[1]); required by "flow" there.
+        sigma_max: Flow-GRPO's sigma~ at sigma == 1 (its sigmas[1], in [0, 1)); required by "flow" there.
         guidance: [B, ...] reward gradient G (Euphonium); the sampling mean moves by c * G_hat with
-            c = guidance_scale (times delta when scale_by_dt) and G_hat = G, or G over its
-            per-sample ("sample") or whole-batch ("batch") L2 norm plus 1e-8.
+            c = guidance_scale (a float or a [B] tensor; times delta when scale_by_dt) and G_hat = G,
+            or G over its per-sample ("sample") or whole-batch ("batch") L2 norm plus 1e-8
+            (`guidance_coefficient` computes c).
         logprob_mean: "unguided" (default: distils the guidance) or "guided".
         reduce: "mean" (Flow-GRPO, DanceGRPO) or "sum" over the non-batch elements.
         cps_logprob: "exact" Gaussian log-density or Flow-GRPO's simplified "flow_grpo" -mean (x' - mean)^2.
@@ -248,8 +249,8 @@ def sde_step(
         raise ValueError(f"prev_sample (evaluate mode) needs a stochastic step; kind={kind!r} with noise_level={noise_level} has no log-prob")
     if kind == "cps" and noise_level > 1:
         raise ValueError(f"noise_level must be in [0, 1] for kind='cps' (got {noise_level})")
-    if sigma_max is not None and not (0.0 < float(sigma_max) < 1.0):
-        raise ValueError(f"sigma_max must be in (0, 1) (got {sigma_max})")
+    if sigma_max is not None and not (0.0 <= float(sigma_max) < 1.0):  # 0: a one-step schedule's sigmas[1]
+        raise ValueError(f"sigma_max must be in [0, 1) (got {sigma_max})")
     if seed is not None and not (isinstance(seed, int) and 0 <= seed < _SEED_LIMIT):
         raise ValueError(f"seed must be an int in [0, 2**63) (got {seed!r})")
     if not (isinstance(offset, int) and 0 <= offset < _SEED_LIMIT):
@@ -262,14 +263,7 @@ def sde_step(
 
     guidance_coef = None
     if guidance is not None:
-        c = torch.full((B,), float(guidance_scale), dtype=torch.float32, device=x.device)
-        if scale_by_dt:
-            c = c * (sig - sig_next)
-        if guidance_norm == "sample":
-            c = c / (guidance.detach().float().flatten(1).norm(dim=1) + 1e-8)
-        elif guidance_norm == "batch":
-            c = c / (guidance.detach().float().norm() + 1e-8)
-        guidance_coef = c.contiguous()
+        guidance_coef = _guidance_coef(guidance, sig, sig_next, guidance_scale, guidance_norm, scale_by_dt)
         guidance = guidance.detach()
 
     if prev_sample is None and stochastic and noise is None and seed is None:
@@ -295,6 +289,38 @@ def sde_step(
         std=std,
         kl=kl_value if ref_v is not None else None,
     )
+
+
+def _guidance_coef(guidance: Tensor, sig: Tensor, sig_next: Tensor, guidance_scale, guidance_norm: str,
+                   scale_by_dt: bool) -> Tensor:
+    B = guidance.shape[0]
+    if torch.is_tensor(guidance_scale):
+        if guidance_scale.shape not in ((), (B,)) or not guidance_scale.dtype.is_floating_point:
+            raise ValueError(f"guidance_scale must be a float or a float tensor [B] = [{B}] "
+                             f"(got {guidance_scale.dtype} of shape {tuple(guidance_scale.shape)})")
+        c = guidance_scale.detach().to(device=guidance.device, dtype=torch.float32).expand(B)
+    else:
+        c = torch.full((B,), float(guidance_scale), dtype=torch.float32, device=guidance.device)
+    if scale_by_dt:
+        c = c * (sig - sig_next)
+    if guidance_norm == "sample":
+        c = c / (guidance.detach().float().flatten(1).norm(dim=1) + 1e-8)
+    elif guidance_norm == "batch":
+        c = c / (guidance.detach().float().norm() + 1e-8)
+    return c.contiguous()
+
+
+def guidance_coefficient(guidance: Tensor, sigma, sigma_next, guidance_scale=1.0, guidance_norm: str = "none",
+                         scale_by_dt: bool = False) -> Tensor:
+    """c [B] fp32 of sde_step's guided mean, mean + c * G: guidance_scale (a float or [B]), times
+    sigma - sigma_next when scale_by_dt, over G's per-sample ("sample") or whole-batch ("batch")
+    L2 norm plus 1e-8. Passing it back as guidance_scale with guidance_norm="none" and
+    scale_by_dt=False gives the same step for any subset of the rows (the sampler keeps it so that
+    re-evaluating a minibatch rebuilds the mean the whole batch was sampled with)."""
+    check_choice("guidance_norm", guidance_norm, ("none", "sample", "batch"))
+    check_tensor("guidance", guidance, min_ndim=2)
+    sig, sig_next, _ = check_sigmas(sigma, sigma_next, guidance.shape[0], guidance.device)
+    return _guidance_coef(guidance, sig, sig_next, guidance_scale, guidance_norm, scale_by_dt)
 
 
 def sde_log_prob(

@@ -68,6 +68,15 @@ class ModelAdapter:
     def decode(self, latents: Tensor, **size) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot decode; pass decode=False")
 
+    @property
+    def can_decode(self) -> bool:
+        return True
+
+    def like(self, model) -> "ModelAdapter":
+        """An adapter for another model given to evaluate (the policy after training, or a frozen
+        reference pipeline) with this adapter's settings; an adapter is returned as it is."""
+        return as_adapter(model)
+
     def lora_disabled(self):
         """A context in which velocity runs the base model, its LoRA adapters switched off: the
         reference model of LoRA training (`evaluate(..., ref_model="base")`)."""
@@ -126,6 +135,10 @@ class CallableAdapter(ModelAdapter):
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
         return self.fn(x, step_timesteps(timesteps, step, x.shape[0]), inputs["cond"])
 
+    @property
+    def can_decode(self):
+        return self.decode_fn is not None
+
     def decode(self, latents, **size):
         if self.decode_fn is None:
             return super().decode(latents)
@@ -180,6 +193,8 @@ def cfg_velocity(transformer, x: Tensor, guidance_scale: float, scale: Optional[
 class _PipelineAdapter(ModelAdapter):
     #: T5 tokens the pipeline's own __call__ uses by default
     default_max_sequence_length = 256
+    #: the diffusers pipeline class this adapter wraps
+    pipeline_class = ""
 
     def __init__(self, pipe, compile: bool = False, max_sequence_length: Optional[int] = None,
                  negative_prompt: str = ""):
@@ -206,6 +221,15 @@ class _PipelineAdapter(ModelAdapter):
     @property
     def transformer(self):
         return self._module("transformer")
+
+    def _settings(self) -> Dict[str, Any]:
+        """What, beyond the weights, decides this adapter's velocity (for `like`)."""
+        return dict(max_sequence_length=self.max_sequence_length, negative_prompt=self.negative_prompt)
+
+    def like(self, model):
+        if type(model).__name__ == self.pipeline_class:
+            return type(self)(model, **self._settings())
+        return as_adapter(model)
 
     def networks(self) -> List[Any]:
         """The pipeline's denoising networks (the ones LoRA training adapts)."""
@@ -265,6 +289,8 @@ class _PipelineAdapter(ModelAdapter):
 class SD3Adapter(_PipelineAdapter):
     """StableDiffusion3Pipeline (SD3, SD3.5): CLIP-L/G + T5 conditioning, CFG in one batch of 2B."""
 
+    pipeline_class = "StableDiffusion3Pipeline"
+
     def encode(self, prompts, guidance_scale):
         cfg = guidance_scale > 1.0
 
@@ -320,6 +346,7 @@ class FluxAdapter(_PipelineAdapter):
     there is no CFG batch."""
 
     default_max_sequence_length = 512
+    pipeline_class = "FluxPipeline"
 
     def encode(self, prompts, guidance_scale):
         with torch.no_grad():
@@ -373,7 +400,7 @@ class FluxAdapter(_PipelineAdapter):
                                 img_ids=inputs["img_ids"], return_dict=False)[0]
 
     def decode(self, latents, height=None, width=None, **size):
-        height, width = (height, width) if height else self._size
+        height, width = height or self._size[0], width or self._size[1]
         vae = self.pipe.vae
         latents = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
         latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
@@ -390,10 +417,15 @@ class WanAdapter(_PipelineAdapter):
       whose timestep is >= boundary_ratio * num_train_timesteps (high noise), `transformer_2`
       below, with guidance_scale_2 there (default: the rollout's guidance_scale);
     - `expand_timesteps` (TI2V-5B): the timestep given per latent token, [B, F * H/2 * W/2].
+
+    Wan's checkpoints ship UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=s): the
+    rollout then takes the Euler schedule with shift s (`schedule.euler_scheduler`), since its
+    steps are Euler steps; its ODE latents match __call__ only with an Euler scheduler.
     """
 
     modality = "video"
     default_max_sequence_length = 512
+    pipeline_class = "WanPipeline"
 
     def __init__(self, pipe, compile: bool = False, max_sequence_length: Optional[int] = None,
                  negative_prompt: str = "", guidance_scale_2: Optional[float] = None):
@@ -450,6 +482,18 @@ class WanAdapter(_PipelineAdapter):
     def networks(self):
         return [self.pipe.transformer, getattr(self.pipe, "transformer_2", None)]
 
+    def _settings(self):
+        return dict(super()._settings(), guidance_scale_2=self.guidance_scale_2)
+
+    def prepare(self, height=None, width=None, **size):
+        super().prepare()
+        # The pipeline's own check: its VAE downsamples by 8 and the transformer patches by 2.
+        patch = self.pipe.transformer.config.patch_size
+        mult = self.pipe.vae_scale_factor_spatial * (patch[1] if isinstance(patch, (tuple, list)) else patch)
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value % mult:
+                raise ValueError(f"{name} must be a multiple of {mult} for this WanPipeline (got {value})")
+
     def expert(self, step):
         if len(self._low_noise) <= step:
             raise RuntimeError("WanAdapter: call schedule() first (it decides which expert runs each step)")
@@ -504,6 +548,9 @@ def as_adapter(model, *, latent_shape=None, cond=None, device=None, dtype=torch.
     if hasattr(model, "transformer") and hasattr(model, "scheduler"):
         raise TypeError(f"unsupported pipeline {name}: flowsteer.sample supports StableDiffusion3Pipeline, "
                         "FluxPipeline and WanPipeline; wrap others in a ModelAdapter subclass")
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model, "dtype"):
+        raise TypeError(f"got a {name} network: pass the pipeline that holds it (its scheduler, text encoders and "
+                        "VAE are needed too), or a ModelAdapter")
     if callable(model):
         fn = torch.compile(model) if compile else model
         return CallableAdapter(fn, latent_shape, cond=cond, device=device, dtype=dtype, shift=shift)

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from ..ops import sde_step
+from ..ops import guidance_coefficient, sde_step
+from ..ops._checks import check_choice
+from ..ops._launch import KIND_CODE, LP_FORM
 from .adapters import ModelAdapter, as_adapter
 from .windows import SDEWindow, as_window
 
@@ -25,7 +28,9 @@ class Rollout:
     steps: the S step indices into the schedule; sigmas: the T + 1 schedule sigmas (floats).
     final_latents: [N, ...]; images: [N, 3, H, W] in [0, 1] (videos [N, F, 3, H, W]) or None.
     prompts: N prompts; prompt_index, group_ids: int64 [N]. cond: the per-prompt conditioning;
-    guidance: [N, S, ...] reward gradients, kept only when the log-prob is taken under the guided mean.
+    guidance: [N, S, ...] reward gradients, kept only when the log-prob is taken under the guided
+        mean, with guidance_coef [N, S]: each row's coefficient c of mean + c * G as sampled (the
+        batch norm of the whole step included), so that any subset of rows re-evaluates exactly.
     """
 
     latents: Tensor
@@ -46,6 +51,7 @@ class Rollout:
     adapter: ModelAdapter
     sde_options: Dict[str, Any] = field(default_factory=dict)
     guidance: Optional[Tensor] = None
+    guidance_coef: Optional[Tensor] = None
 
     @property
     def num_samples(self) -> int:
@@ -163,17 +169,29 @@ def sample(
         raise ValueError(f"max_batch_size must be None or an int >= 1 (got {max_batch_size!r})")
     if not (isinstance(num_steps, int) and num_steps >= 1):
         raise ValueError(f"num_steps must be an int >= 1 (got {num_steps!r})")
+    # The step's own checks, before anything runs (noise_level <= 0 or kind "ode" means no SDE step).
+    check_choice("kind", kind, KIND_CODE)
+    if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
+        raise ValueError(f"noise_level must be a finite float >= 0 (got {noise_level!r})")
+    check_choice("reward_guidance_norm", reward_guidance_norm, ("none", "sample", "batch"))
+    check_choice("logprob_mean", logprob_mean, ("unguided", "guided"))
+    check_choice("cps_logprob", cps_logprob, LP_FORM)
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
     adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile,
                          negative_prompt=negative_prompt)
+    if decode and not adapter.can_decode:
+        raise ValueError(f"decode=True, but {type(adapter).__name__} cannot decode (a bare velocity function has no "
+                         "decoder): pass decode=False, or an adapter with a decode_fn")
     win = as_window(window)
     P, G = len(prompts), group_size
     N = P * G
-    device = adapter.device
     size = {k: v for k, v in dict(height=height, width=width, num_frames=num_frames).items() if v is not None}
     generator = torch.Generator().manual_seed(seed)
 
     with torch.no_grad():
         adapter.prepare(**size)
+        device = adapter.device  # after prepare: the pipeline may have moved since the last call
         cond_p = adapter.encode(list(prompts), guidance_scale)
         prompt_index = torch.arange(P).repeat_interleave(G)
         prompt_index_dev = prompt_index.to(device)
@@ -207,7 +225,7 @@ def sample(
         inputs = _chunked_inputs(adapter, cond_p, rows, guidance_scale, max_batch_size)
         sde_kwargs = dict(sigma_max=sigmas[1] if sigmas[1] < 1 else None, cps_logprob=cps_logprob,
                           logprob_mean=logprob_mean)
-        store_x, store_next, store_lp, store_guidance, steps = [], [], [], [], []
+        store_x, store_next, store_lp, store_guidance, store_coef, steps = [], [], [], [], [], []
         # Every built-in window trains consecutive steps: then the latents before and after them
         # go into one [N, S + 1, ...] trajectory, latents and next_latents its overlapping views
         # (S + 1 slots of memory instead of 2S, and no stacking copies at the end).
@@ -229,10 +247,11 @@ def sample(
                         raise ValueError(f"reward_grad returned {getattr(guidance, 'shape', type(guidance).__name__)} "
                                          f"for latents of shape {tuple(x.shape)}; it must return a tensor of the same shape")
                     guidance = guidance.to(x.dtype).contiguous()
+                    coef = guidance_coefficient(guidance, sigmas[i], sigmas[i + 1], reward_guidance_scale,
+                                                reward_guidance_norm, scale_by_dt)
                 out = sde_step(v, x, sigmas[i], sigmas[i + 1], kind, noise_level, seed=seed, offset=i,
-                               guidance=guidance, guidance_scale=reward_guidance_scale,
-                               guidance_norm=reward_guidance_norm, scale_by_dt=scale_by_dt, return_mean=False,
-                               **sde_kwargs)
+                               guidance=guidance, guidance_scale=coef if guidance is not None else 1.0,
+                               return_mean=False, **sde_kwargs)
                 if consecutive:
                     if traj is None:
                         traj = x.new_empty((x.shape[0], len(trained) + 1) + tuple(x.shape[1:]))
@@ -245,6 +264,7 @@ def sample(
                 steps.append(i)
                 if guidance is not None and logprob_mean == "guided":
                     store_guidance.append(guidance)
+                    store_coef.append(coef)
             else:
                 out = sde_step(v, x, sigmas[i], sigmas[i + 1], "ode", 0.0, return_mean=False)
             x = out.prev_sample
@@ -276,11 +296,38 @@ def sample(
         noise_level=noise_level,
         size=size,
         adapter=adapter,
-        # What re-evaluation needs to rebuild the step (the guided mean's coefficient included).
-        sde_options=dict(sde_kwargs, reward_guidance_norm=reward_guidance_norm, guidance_scale=reward_guidance_scale,
-                         scale_by_dt=scale_by_dt),
+        sde_options=sde_kwargs,
         guidance=stack(store_guidance, x) if store_guidance else None,
+        guidance_coef=torch.stack(store_coef, dim=1) if store_coef else None,
     )
+
+
+def _indices(indices, n: int) -> Tensor:
+    """The rows `indices` selects, as an int64 CPU tensor: None (all), integers, or a bool mask [N]."""
+    if indices is None:
+        return torch.arange(n)
+    t = indices if torch.is_tensor(indices) else torch.as_tensor(indices)
+    if t.numel() == 0:
+        raise ValueError("indices must select at least one sample")
+    if t.dtype == torch.bool:
+        if t.shape != (n,):
+            raise ValueError(f"indices: a bool mask must be [N] = [{n}] (got shape {tuple(t.shape)})")
+        t = t.cpu().nonzero().squeeze(1)
+    elif t.dtype.is_floating_point or t.dtype.is_complex or t.ndim != 1:
+        raise ValueError(f"indices must be a 1-D list or tensor of sample indices, or a bool mask [N] = [{n}] "
+                         f"(got {t.dtype} of shape {tuple(t.shape)})")
+    t = t.cpu().long()
+    if t.numel() == 0:
+        raise ValueError("indices: the mask selects no sample")
+    if int(t.min()) < -n or int(t.max()) >= n:
+        raise ValueError(f"indices must lie in [0, {n}) (got {int(t.min())}..{int(t.max())})")
+    return t % n
+
+
+def _check_same_schedule(sigmas: List[float], want: List[float], name: str) -> None:
+    if len(sigmas) != len(want) or max(abs(a - b) for a, b in zip(sigmas, want)) > 1e-6:
+        raise ValueError(f"{name}: its schedule (sigmas {[round(s, 4) for s in sigmas]}) is not the rollout's "
+                         f"({[round(s, 4) for s in want]}); evaluate with a model whose scheduler (shift) matches")
 
 
 def evaluate(
@@ -307,8 +354,8 @@ def evaluate(
     Returns (log_prob [n], kl [n] or None).
     """
     S = len(rollout.steps)
-    adapter = rollout.adapter if model is None else as_adapter(model)
-    idx = torch.arange(rollout.num_samples) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+    adapter = rollout.adapter if model is None else rollout.adapter.like(model)
+    idx = _indices(indices, rollout.num_samples)
     j = step
     if not isinstance(step, int):
         try:
@@ -330,7 +377,9 @@ def evaluate(
         raise ValueError(f"step must index rollout.steps, in [0, {S}) (got {step!r})")
     adapter.prepare(**rollout.size)
     x = rollout.latents[idx, j]
-    _, timesteps = adapter.schedule(len(rollout.sigmas) - 1, x)
+    sigmas, timesteps = adapter.schedule(len(rollout.sigmas) - 1, x)
+    if model is not None:
+        _check_same_schedule(sigmas, rollout.sigmas, "model")
     if isinstance(j, int):
         i = rollout.steps[j]
         sigma, sigma_next = rollout.sigmas[i], rollout.sigmas[i + 1]
@@ -365,16 +414,16 @@ def evaluate(
                                  f"adapters switched off); got {ref_model!r}")
             ref, switch = adapter, adapter.lora_disabled()
         else:
-            ref, switch = as_adapter(ref_model), contextlib.nullcontext()
+            ref, switch = rollout.adapter.like(ref_model), contextlib.nullcontext()
             ref.prepare(**rollout.size)
-            ref.schedule(len(rollout.sigmas) - 1, x)  # per-step state such as Wan 2.2's expert choice
+            # per-step state such as Wan 2.2's expert choice; the reference runs the rollout's timesteps
+            _check_same_schedule(ref.schedule(len(rollout.sigmas) - 1, x)[0], rollout.sigmas, "ref_model")
         with torch.no_grad(), switch:
             ref_inputs = ref.model_inputs(rollout.cond, rows.to(ref.device), rollout.guidance_scale)
             ref_v = ref.velocity(x, i, timesteps, sig_arg, ref_inputs, rollout.guidance_scale).contiguous()
-    guidance = None if rollout.guidance is None else rollout.guidance[idx, j]
-    opts = dict(rollout.sde_options)
-    norm = opts.pop("reward_guidance_norm")
-    out = sde_step(v, x, sigma, sigma_next, rollout.kind, rollout.noise_level,
-                   prev_sample=prev, ref_v=ref_v, kl=kl, guidance=guidance, guidance_norm=norm, return_mean=False,
-                   **opts)
+    guidance, coef = None, 1.0
+    if rollout.guidance is not None:  # the guided mean, with each row's coefficient as sampled
+        guidance, coef = rollout.guidance[idx, j], rollout.guidance_coef[idx, j]
+    out = sde_step(v, x, sigma, sigma_next, rollout.kind, rollout.noise_level, prev_sample=prev, ref_v=ref_v, kl=kl,
+                   guidance=guidance, guidance_scale=coef, return_mean=False, **rollout.sde_options)
     return out.log_prob, out.kl

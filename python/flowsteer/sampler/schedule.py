@@ -19,10 +19,30 @@ def shifted_sigmas(num_steps: int, shift: float = 1.0) -> list:
     return (shift * t / (1 + (shift - 1) * t)).float().tolist()
 
 
+def euler_scheduler(scheduler):
+    """The FlowMatchEulerDiscreteScheduler to take sigmas from: a copy of the pipeline's own (never
+    move the pipeline's), or, for a flow-matching multistep solver (UniPC or DPM-Solver++ with
+    use_flow_sigmas, as Wan's checkpoints ship them), the Euler scheduler with the same
+    num_train_timesteps and flow_shift. flowsteer's steps are Euler(-Maruyama) steps; a multistep
+    solver's own sigmas also start at 1 - 1e-6 rather than 1, where Flow-GRPO's std needs sigma_max."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return copy.deepcopy(scheduler)
+    config = scheduler.config
+    if config.get("use_flow_sigmas", False) and config.get("flow_shift", None) is not None:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.get("num_train_timesteps", 1000),
+                                               shift=float(config.flow_shift))
+    raise ValueError(f"the pipeline's scheduler {type(scheduler).__name__} is not a flow-matching scheduler: "
+                     "flowsteer takes its sigmas from FlowMatchEulerDiscreteScheduler, or from a multistep "
+                     "solver's use_flow_sigmas and flow_shift; set pipe.scheduler = "
+                     "FlowMatchEulerDiscreteScheduler(shift=...)")
+
+
 def scheduler_sigmas(scheduler, num_steps: int, *, sigmas: Optional[Sequence[float]] = None, mu: Optional[float] = None):
-    """(sigmas: list of num_steps + 1 floats, timesteps: fp32 tensor [num_steps]) from a copy of a
-    diffusers FlowMatchEulerDiscreteScheduler, set up as a pipeline's retrieve_timesteps does."""
-    sched = copy.deepcopy(scheduler)  # never move the pipeline's own scheduler
+    """(sigmas: list of num_steps + 1 floats, timesteps: fp32 tensor [num_steps]) from a diffusers
+    FlowMatchEulerDiscreteScheduler (see euler_scheduler), set up as a pipeline's retrieve_timesteps does."""
+    sched = euler_scheduler(scheduler)
     kwargs = {} if mu is None else {"mu": mu}
     if sigmas is not None:
         sched.set_timesteps(sigmas=list(sigmas), device="cpu", **kwargs)
