@@ -350,6 +350,10 @@ def test_sample_and_evaluate_argument_errors():
         run(kind="flwo", noise_level=0.0)
     with pytest.raises(ValueError, match="reward_guidance_norm"):
         run(reward_guidance_norm="global")
+    for bad in (-1, 1.5, "3"):
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            run(seed=bad)
+    assert torch.equal(run(seed=np.int64(3)).final_latents, run(seed=3).final_latents)
     with pytest.raises(ValueError, match="cannot decode"):
         flowsteer.sample(velocity, ["a"], latent_shape=SHAPE, cond=TARGETS[:1])
     r = run()

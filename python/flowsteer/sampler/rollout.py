@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -176,8 +177,13 @@ def sample(
     check_choice("reward_guidance_norm", reward_guidance_norm, ("none", "sample", "batch"))
     check_choice("logprob_mean", logprob_mean, ("unguided", "guided"))
     check_choice("cps_logprob", cps_logprob, LP_FORM)
-    if not (isinstance(seed, int) and seed >= 0):
+    try:
+        seed_int = operator.index(seed)  # numpy integers too
+    except TypeError:
+        seed_int = -1
+    if seed_int < 0:
         raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
+    seed = seed_int
     adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile,
                          negative_prompt=negative_prompt)
     if decode and not adapter.can_decode:
