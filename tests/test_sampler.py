@@ -350,13 +350,17 @@ def test_sample_and_evaluate_argument_errors():
         run(kind="flwo", noise_level=0.0)
     with pytest.raises(ValueError, match="reward_guidance_norm"):
         run(reward_guidance_norm="global")
-    for bad in (-1, 1.5, "3"):
-        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+    for bad in (-1, 1.5, "3", True, 2**63):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63 - 1\)"):
             run(seed=bad)
+    with pytest.raises(ValueError, match="noise_level must be in \\[0, 1\\] for kind='cps'"):
+        run(kind="cps", noise_level=1.5)
     assert torch.equal(run(seed=np.int64(3)).final_latents, run(seed=3).final_latents)
     with pytest.raises(ValueError, match="cannot decode"):
         flowsteer.sample(velocity, ["a"], latent_shape=SHAPE, cond=TARGETS[:1])
     r = run()
+    with pytest.raises(ValueError, match="step must be an int or one int per sample"):
+        evaluate(r, True)
     mask = torch.zeros(12, dtype=torch.bool)
     mask[[4, 7, 9]] = True
     assert torch.equal(evaluate(r, 0, mask)[0], r.log_probs[[4, 7, 9], 0])  # a bool mask selects those rows

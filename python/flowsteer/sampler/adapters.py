@@ -227,8 +227,10 @@ class _PipelineAdapter(ModelAdapter):
         return dict(max_sequence_length=self.max_sequence_length, negative_prompt=self.negative_prompt)
 
     def like(self, model):
+        if model is self.pipe:
+            return self
         if type(model).__name__ == self.pipeline_class:
-            return type(self)(model, **self._settings())
+            return type(self)(model, compile=self.compile, **self._settings())
         return as_adapter(model)
 
     def networks(self) -> List[Any]:
@@ -239,11 +241,11 @@ class _PipelineAdapter(ModelAdapter):
     def lora_disabled(self):
         """The networks' LoRA adapters off for the context: diffusers' `disable_adapters` on a
         model with adapters added (`add_adapter`, `load_lora_adapter`), or a peft `PeftModel`'s
-        `disable_adapter()`; back on afterwards, whatever happens inside."""
-        contexts = []
-        for net in self.networks():
-            if net is None:
-                continue
+        `disable_adapter()`. Afterwards every LoRA layer is as it was (on, or off if the user had
+        switched it off) and every parameter keeps its requires_grad (peft's switch back on makes
+        all active LoRA weights trainable, frozen ones included)."""
+        contexts, nets = [], [net for net in self.networks() if net is not None]
+        for net in nets:
             if callable(getattr(net, "disable_adapter", None)) and not getattr(net, "_hf_peft_config_loaded", False):
                 contexts.append(net.disable_adapter())  # peft.PeftModel
             elif getattr(net, "_hf_peft_config_loaded", False):
@@ -251,10 +253,18 @@ class _PipelineAdapter(ModelAdapter):
         if not contexts:
             raise ValueError("ref_model='base' needs LoRA adapters on the transformer (peft, through diffusers' "
                              "add_adapter / load_lora_adapter or a peft PeftModel); none were found")
-        with contextlib.ExitStack() as stack:
-            for c in contexts:
-                stack.enter_context(c)
-            yield
+        trainable = [(p, p.requires_grad) for net in nets for p in net.parameters()]
+        layers_off = [m for net in nets for m in net.modules() if getattr(m, "_disable_adapters", False)]
+        try:
+            with contextlib.ExitStack() as stack:
+                for c in contexts:
+                    stack.enter_context(c)
+                yield
+        finally:
+            for layer in layers_off:  # off before: off again
+                layer.enable_adapters(False)
+            for p, flag in trainable:
+                p.requires_grad_(flag)
 
     @property
     def device(self):

@@ -178,12 +178,14 @@ def sample(
     check_choice("logprob_mean", logprob_mean, ("unguided", "guided"))
     check_choice("cps_logprob", cps_logprob, LP_FORM)
     try:
-        seed_int = operator.index(seed)  # numpy integers too
+        seed_int = -1 if isinstance(seed, bool) else operator.index(seed)  # numpy integers too
     except TypeError:
         seed_int = -1
-    if seed_int < 0:
-        raise ValueError(f"seed must be an int >= 0 (got {seed!r})")
+    if not 0 <= seed_int < 2**63 - 1:
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1) (got {seed!r})")
     seed = seed_int
+    if kind == "cps" and noise_level > 1:
+        raise ValueError(f"noise_level must be in [0, 1] for kind='cps' (got {noise_level})")
     adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile,
                          negative_prompt=negative_prompt)
     if decode and not adapter.can_decode:
@@ -362,6 +364,8 @@ def evaluate(
     S = len(rollout.steps)
     adapter = rollout.adapter if model is None else rollout.adapter.like(model)
     idx = _indices(indices, rollout.num_samples)
+    if isinstance(step, bool):
+        raise ValueError(f"step must be an int or one int per sample (got {step!r})")
     j = step
     if not isinstance(step, int):
         try:
