@@ -5,7 +5,8 @@
 
 On a GPU it ends with rollouts of an SD3.5-Medium-sized transformer (random weights, 512 px, 10
 steps, CFG 4.5, 16 images): the research-style reference loop, flowsteer.sample, and
-flowsteer.sample(compile=True), in images per second.
+flowsteer.sample(compile=True), in images per second; last, branch mode at T/2 against full SDE
+rollouts with G = --branch-group-size (16: 32 images each way, about half a minute on an H100).
 
 Every figure is printed as soon as it is measured. Kernel times are given as a ratio to the
 memory floor (the bytes that must move divided by the copy bandwidth measured on the same device)
@@ -52,6 +53,8 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--skip-rollout", action="store_true", help="skip the SD3.5-Medium rollout section (GPU)")
     ap.add_argument("--rollout-only", action="store_true", help="only the rollout section (GPU)")
+    ap.add_argument("--branch-group-size", type=int, default=16,
+                    help="rollouts: G of branch mode at T/2 against full SDE (last in the section; 0 skips it)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     global OUT_PATH
@@ -317,7 +320,7 @@ def main() -> int:
             "512 px, 10 steps, CFG 4.5, 2 prompts x 8 = 16 images")
         RESULTS["rollout"] = bench_rollout(pipe, prompts=2, group_size=8, num_steps=10, guidance_scale=4.5, height=512,
                                            width=512, compile=not args.no_compile, compile_reference=True,
-                                           branch_group_size=0, repeats=2,
+                                           branch_group_size=args.branch_group_size, repeats=2,
                                            log=lambda m: log("rollout " + m))
         del pipe
 
