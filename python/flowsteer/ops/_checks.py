@@ -2,6 +2,7 @@
 what was received."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional, Union
 
 import torch
@@ -93,3 +94,12 @@ def check_sigmas(sigma, sigma_next, batch: int, device: torch.device):
         i = int(bad.nonzero()[0])
         raise ValueError(f"sigma_next must be in [0, sigma) (got sigma[{i}]={float(s[i])}, sigma_next[{i}]={float(sn[i])})")
     return sig, sig_next, bool((s == 1).any())
+
+
+def check_kind_and_noise(kind: str, noise_level, kinds: Iterable) -> None:
+    """The step kind and its noise level a: finite, >= 0, and <= 1 for "cps" (a = sin of the angle)."""
+    check_choice("kind", kind, kinds)
+    if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
+        raise ValueError(f"noise_level must be a finite float >= 0 (got {noise_level!r})")
+    if kind == "cps" and noise_level > 1:
+        raise ValueError(f"noise_level must be in [0, 1] for kind='cps' (got {noise_level})")

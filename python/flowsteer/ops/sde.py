@@ -8,7 +8,7 @@ import torch
 
 from .. import _backend
 from . import _launch
-from ._checks import check_sigmas, check_tensor, check_choice
+from ._checks import check_choice, check_kind_and_noise, check_sigmas, check_tensor
 from ._launch import KIND_CODE, KL_FORM, LP_FORM
 
 Tensor = torch.Tensor
@@ -225,7 +225,7 @@ def sde_step(
     kl, mean and a drawn prev_sample are differentiable with respect to v, x (and ref_v); sigmas,
     noise, guidance and a given prev_sample are not (Flow-GRPO detaches prev_sample the same way).
     """
-    check_choice("kind", kind, KIND_CODE)
+    check_kind_and_noise(kind, noise_level, KIND_CODE)
     check_choice("reduce", reduce, ("mean", "sum"))
     check_choice("cps_logprob", cps_logprob, LP_FORM)
     check_choice("logprob_mean", logprob_mean, ("unguided", "guided"))
@@ -236,8 +236,6 @@ def sde_step(
     for name, t in (("noise", noise), ("prev_sample", prev_sample), ("guidance", guidance), ("ref_v", ref_v)):
         if t is not None:
             check_tensor(name, t, like=v, like_name="v")
-    if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
-        raise ValueError(f"noise_level must be a finite float >= 0 (got {noise_level!r})")
     stochastic = kind != "ode" and noise_level > 0
     if prev_sample is not None and (noise is not None or seed is not None):
         raise ValueError("noise and seed draw a sample; they cannot be combined with prev_sample (evaluate mode)")
@@ -247,8 +245,6 @@ def sde_step(
         raise ValueError(f"ref_v (the KL term) needs a stochastic step; kind={kind!r} with noise_level={noise_level} has std 0")
     if prev_sample is not None and not stochastic:
         raise ValueError(f"prev_sample (evaluate mode) needs a stochastic step; kind={kind!r} with noise_level={noise_level} has no log-prob")
-    if kind == "cps" and noise_level > 1:
-        raise ValueError(f"noise_level must be in [0, 1] for kind='cps' (got {noise_level})")
     if sigma_max is not None and not (0.0 <= float(sigma_max) < 1.0):  # 0: a one-step schedule's sigmas[1]
         raise ValueError(f"sigma_max must be in [0, 1) (got {sigma_max})")
     if seed is not None and not (isinstance(seed, int) and 0 <= seed < _SEED_LIMIT):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -10,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from ..ops import guidance_coefficient, sde_step
-from ..ops._checks import check_choice
+from ..ops._checks import check_choice, check_kind_and_noise
 from ..ops._launch import KIND_CODE, LP_FORM
 from .adapters import ModelAdapter, as_adapter
 from .windows import SDEWindow, as_window
@@ -171,9 +170,7 @@ def sample(
     if not (isinstance(num_steps, int) and num_steps >= 1):
         raise ValueError(f"num_steps must be an int >= 1 (got {num_steps!r})")
     # The step's own checks, before anything runs (noise_level <= 0 or kind "ode" means no SDE step).
-    check_choice("kind", kind, KIND_CODE)
-    if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
-        raise ValueError(f"noise_level must be a finite float >= 0 (got {noise_level!r})")
+    check_kind_and_noise(kind, noise_level, KIND_CODE)
     check_choice("reward_guidance_norm", reward_guidance_norm, ("none", "sample", "batch"))
     check_choice("logprob_mean", logprob_mean, ("unguided", "guided"))
     check_choice("cps_logprob", cps_logprob, LP_FORM)
@@ -184,8 +181,6 @@ def sample(
     if not 0 <= seed_int < 2**63 - 1:
         raise ValueError(f"seed must be an int in [0, 2**63 - 1) (got {seed!r})")
     seed = seed_int
-    if kind == "cps" and noise_level > 1:
-        raise ValueError(f"noise_level must be in [0, 1] for kind='cps' (got {noise_level})")
     adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile,
                          negative_prompt=negative_prompt)
     if decode and not adapter.can_decode:
