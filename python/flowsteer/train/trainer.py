@@ -1,0 +1,618 @@
+"""GRPOTrainer: one training loop for the GRPO family over flowsteer.sample, the rewards and the
+fused ops.
+
+An iteration: sample (no grad) -> rewards -> group advantages -> inner epochs x minibatches x
+trained steps, gradients accumulated over the steps, one optimizer step per minibatch -> EMA ->
+metrics (one host transfer) -> evaluation and checkpoint when due. The algorithm object supplies the
+window, the guidance and the advantages; the numbers come from the config.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from .. import __version__
+from ..ops import grpo_loss
+from ..rewards import MultiReward, Reward, RewardOutputs
+from ..sampler import evaluate as evaluate_step
+from ..sampler import sample
+from . import checkpoint as ckpt
+from .algorithms import grouped_advantages, make_algorithm
+from .config import Config, ConfigError, describe_batch, diff_configs, dump_yaml, load_config, trained_steps
+from .data import PromptSampler, load_prompts
+from .images import image_stats, write_grid
+from .models import (EMA, add_lora, load_pipeline, make_adapter, networks_of, reference_model, save_lora,
+                     trainable_parameters)
+from .rewards import build_multi_reward
+
+Tensor = torch.Tensor
+# metrics that measure the machine, not the run: excluded when a resumed run is compared
+TIMING_KEYS = ("time/", "images_per_s")
+
+
+def _versions() -> Dict[str, str]:
+    out = {"flowsteer": __version__, "torch": torch.__version__}
+    for mod in ("diffusers", "transformers", "peft"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return out
+
+
+def _as_multi_reward(reward, cfg: Config) -> MultiReward:
+    if reward is None:
+        return build_multi_reward(cfg.rewards, cfg.rewards_mode, "rewards", cfg.sampling.group_size)
+    if isinstance(reward, MultiReward):
+        return reward
+    if isinstance(reward, Reward):
+        return MultiReward({reward.name: reward}, mode=cfg.rewards_mode)
+    if callable(reward):
+        return MultiReward({getattr(reward, "__name__", "reward"): reward}, mode=cfg.rewards_mode)
+    raise TypeError(f"reward must be a flowsteer Reward, a MultiReward or a callable (got {type(reward).__name__})")
+
+
+class GRPOTrainer:
+    """Online RL post-training of a flow-matching model with the GRPO family.
+
+    Args:
+        pipe: a diffusers pipeline (SD3, FLUX, Wan), a ModelAdapter with networks(), or a velocity
+            function that is an nn.Module (with `latent_shape`); None: loaded from config.model.path.
+        reward: a flowsteer Reward, a MultiReward or a plain callable (images, prompts, meta) -> [N];
+            None: built from config.rewards.
+        config: a Config, a recipe name, a YAML path or a mapping (validated strictly).
+        run_dir: where config.yaml, metrics.jsonl, checkpoints/ and samples/ go (None: nothing is
+            written, for use inside other code).
+        eval_rewards: extra rewards scored at evaluation but not trained on ({name: reward}).
+    """
+
+    def __init__(self, pipe, reward, config: Union[Config, str, Dict[str, Any]], *, run_dir: Optional[str] = None,
+                 eval_rewards: Optional[Dict[str, Any]] = None, _resuming: bool = False):
+        cfg = config if isinstance(config, Config) else load_config(config)
+        self.config = cfg
+        self.algorithm = make_algorithm(cfg.algorithm)
+        self.model = load_pipeline(cfg) if pipe is None else pipe
+        self.adapter = make_adapter(self.model, cfg)
+        self.reward = _as_multi_reward(reward, cfg)
+        if eval_rewards is None and cfg.eval.extra_rewards:
+            eval_rewards = build_multi_reward(cfg.eval.extra_rewards, "sum", "eval.extra_rewards",
+                                              cfg.sampling.group_size).rewards
+        self.eval_rewards = dict(eval_rewards or {})
+        self.algorithm.check(cfg, self.reward)
+        self.train_prompts, self.train_meta = load_prompts(cfg.prompts.train, "prompts.train")
+        self.eval_prompts, self.eval_meta = (load_prompts(cfg.prompts.eval, "prompts.eval")
+                                             if cfg.prompts.eval is not None else (None, None))
+        self.window = self.algorithm.window(cfg)
+        self.device = self.adapter.device
+        # the trained networks
+        self.nets = networks_of(self.adapter)
+        if cfg.model.lora is not None:
+            add_lora(self.nets, cfg.model.lora, self.derived_seed("lora"))
+        for net in self.nets:
+            if cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
+                net.enable_gradient_checkpointing()
+            net.eval()
+        self.named_params = trainable_parameters(self.nets)
+        self.params = [p for _, p in self.named_params]
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.ema = EMA(self.named_params, t.ema_decay) if t.ema else None
+        self.ref = reference_model(self.model, self.adapter, self.nets, cfg) if t.beta > 0 else None
+        self.scaler = None
+        if t.mixed_precision == "fp16":
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.prm = None
+        self.sampler = PromptSampler(len(self.train_prompts), self.derived_seed("prompts"))
+        self.iteration = 0
+        self.optimizer_steps = 0
+        self.skipped_steps = 0
+        self._warned_on_policy = False
+        self.run_dir = run_dir
+        self._tb = None
+        if run_dir is not None and not _resuming:
+            self._init_run_dir()
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def derived_seed(self, tag: str, iteration: Optional[int] = None) -> int:
+        """A seed in [0, 2**62) from (config.seed, tag, iteration): the same in every run and process."""
+        text = f"{self.config.seed}/{tag}/{'' if iteration is None else iteration}"
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 2
+
+    def _autocast(self):
+        mp = self.config.train.mixed_precision
+        if mp == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+
+    def ensure_prm(self, rollout=None, latent_channels: Optional[int] = None, video: Optional[bool] = None):
+        """The LatentPRM (Euphonium), built at the first rollout from its latent shape."""
+        if self.prm is None:
+            from ..rewards import LatentPRM
+
+            if rollout is not None:
+                if rollout.latents.ndim not in (5, 6):
+                    raise ConfigError("algorithm 'euphonium' fits a convolutional PRM on spatial latents [N, C, H, W] "
+                                      f"or [N, C, F, H, W]; this model's latents are {tuple(rollout.latents.shape[2:])} "
+                                      "per sample (packed FLUX latents are not supported)")
+                latent_channels, video = int(rollout.latents.shape[2]), rollout.latents.ndim == 6
+            p = self.config.prm
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.derived_seed("prm-init"))
+                self.prm = LatentPRM(latent_channels, hidden=p.hidden, depth=p.depth, video=video).to(self.device)
+            self.prm.eval()
+        return self.prm
+
+    # ------------------------------------------------------------------------------ run dir
+
+    def _init_run_dir(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        if ckpt.list_checkpoints(os.path.join(self.run_dir, "checkpoints")):
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints of a run: resume it "
+                                  "(flowsteer train ... --resume, or GRPOTrainer.resume) or pick another output directory")
+        for sub in ("checkpoints", "samples"):
+            os.makedirs(os.path.join(self.run_dir, sub), exist_ok=True)
+        head = {"config_hash": self.config.hash(), **{f"version {k}": v for k, v in _versions().items()}}
+        with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+            f.write(dump_yaml(self.config, head))
+        open(os.path.join(self.run_dir, "metrics.jsonl"), "w").close()
+
+    def _log_row(self, row: Dict[str, Any]) -> None:
+        if self.run_dir is None:
+            return
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.config.logging.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(os.path.join(self.run_dir, "tensorboard"), purge_step=row["iteration"])
+                except ImportError:
+                    self._tb = False
+            if self._tb:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "iteration":
+                        self._tb.add_scalar(k, v, row["iteration"])
+
+    # ----------------------------------------------------------------------------- rollout
+
+    def _rollout(self, prompts: List[str]):
+        cfg, s = self.config, self.config.sampling
+        kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, guidance_scale=s.guidance_scale, kind=s.kind,
+                      noise_level=s.noise_level, window=self.window, iteration=self.iteration,
+                      seed=self.derived_seed("rollout", self.iteration), same_noise=s.same_noise,
+                      decode=self.adapter.can_decode, max_batch_size=s.max_batch_size, cps_logprob=s.cps_logprob)
+        kwargs.update({k: v for k, v in dict(height=s.height, width=s.width, num_frames=s.num_frames).items()
+                       if v is not None and not _is_callable_adapter(self.adapter)})
+        kwargs.update(self.algorithm.sample_kwargs(self))
+        with self._autocast():
+            return sample(self.adapter, prompts, **kwargs)
+
+    def _score(self, reward: MultiReward, rollout, prompts: List[str], meta) -> RewardOutputs:
+        images = rollout.images
+        if images is not None and images.ndim == 5 and images.shape[2] == 3:  # video [N, F, 3, H, W] -> [N, 3, F, H, W]
+            images = images.transpose(1, 2)
+        if images is not None:
+            images = images.float().clamp(0, 1)
+        return reward(images, prompts, meta, latents=rollout.final_latents.float())
+
+    def _advantages(self, outputs: RewardOutputs, group_ids: Tensor) -> Tensor:
+        active = outputs.weights != 0
+        if not bool(active.any()):
+            raise ValueError(f"every reward component has weight 0 ({', '.join(outputs.names)}); nothing to optimise")
+        idx = active.nonzero().flatten().to(outputs.rewards.device)
+        r = outputs.rewards.detach().index_select(1, idx)
+        adv = grouped_advantages(r, group_ids.to(r.device), outputs.weights[active].tolist(), self.reward.mode,
+                                 self.config)
+        if self.reward.pareto:
+            from ..ops import pareto_mask
+
+            mask = pareto_mask(r * torch.sign(outputs.weights[active]).to(r.device), group_ids.to(r.device))
+            adv = torch.where(mask, adv, torch.zeros_like(adv))
+        return adv
+
+    # ------------------------------------------------------------------------------- train
+
+    def _trained_steps(self, S: int, N: int, gen: torch.Generator) -> Tensor:
+        """[N, K] indices into rollout.steps: the first K in order, or a random permutation per sample."""
+        K = min(S, max(1, int(self.config.train.timestep_fraction * S + 1e-9)))
+        if self.config.train.timestep_order == "in_order":
+            return torch.arange(K).expand(N, K)
+        return torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(N)])
+
+    def _lr(self) -> float:
+        t = self.config.train
+        if t.lr_warmup_steps <= 0:
+            return t.lr
+        return t.lr * min(1.0, (self.optimizer_steps + 1) / t.lr_warmup_steps)
+
+    def step(self) -> Dict[str, Any]:
+        """One iteration; returns its metrics (also written to metrics.jsonl when there is a run dir)."""
+        cfg, t = self.config, self.config.train
+        P, G = t.prompts_per_iteration, cfg.sampling.group_size
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        idx = self.sampler.next(P)
+        prompts = [self.train_prompts[i] for i in idx]
+        meta = None if self.train_meta is None else [self.train_meta[i] for i in idx for _ in range(G)]
+        rollout = self._rollout(prompts)
+        sync()
+        t1 = time.perf_counter()
+        outputs = self._score(self.reward, rollout, rollout.prompts, meta)
+        rewards = outputs.rewards.detach()
+        t2 = time.perf_counter()
+        group_ids = rollout.group_ids
+        outcome = self._advantages(outputs, group_ids).to(self.device)
+        adv = self.algorithm.advantages(self, outcome, rollout)
+        extra = self.algorithm.after_rewards(self, rollout, outputs.weighted_sum().detach())
+        train_stats = self._train_on(rollout, adv)
+        sync()
+        t3 = time.perf_counter()
+        N = rollout.num_samples
+        m: Dict[str, Tensor] = {}
+        for k, name in enumerate(outputs.names):
+            col = rewards[:, k].float()
+            m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = col.mean(), col.std(unbiased=False)
+        ws = outputs.weighted_sum().detach().float()
+        m["reward/mean"], m["reward/std"] = ws.mean(), ws.std(unbiased=False)
+        gmean = torch.zeros(P, device=ws.device).index_add_(0, group_ids.to(ws.device), ws) / G
+        gvar = torch.zeros(P, device=ws.device).index_add_(0, group_ids.to(ws.device), (ws - gmean[group_ids.to(ws.device)]) ** 2)
+        m["zero_std_group_frac"] = (gvar == 0).float().mean()
+        a = adv.float()
+        m.update({"advantage/mean": a.mean(), "advantage/std": a.std(unbiased=False), "advantage/min": a.min(),
+                  "advantage/max": a.max(), "advantage/zero_frac": (a == 0).float().mean()})
+        if rollout.images is not None:
+            sat, hf = image_stats(rollout.images)
+            m["hack/saturation"], m["hack/high_freq"] = sat, hf
+        m.update(train_stats)
+        m.update(extra)
+        keys = list(m)
+        values = torch.stack([m[k].detach().float().to("cpu") for k in keys]).tolist()  # the one host transfer
+        row: Dict[str, Any] = {"iteration": self.iteration + 1}
+        row.update({k: (v if math.isfinite(v) else None) for k, v in zip(keys, values)})
+        row.update({"optimizer_steps": self.optimizer_steps, "skipped_steps_total": self.skipped_steps, "lr": self._lr(),
+                    "prompts_consumed": self.sampler.consumed,
+                    "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2, "time/total": t3 - t0,
+                    "images_per_s": N / max(t1 - t0, 1e-9)})
+        if row.get("onpolicy/max_dev") not in (0.0, None) and not self._warned_on_policy:
+            self._warned_on_policy = True
+            warnings.warn(f"on-policy check: the first minibatch's ratio deviates from 1 by {row['onpolicy/max_dev']:.3g} "
+                          "(exactly 0 expected): the training forward differs from the rollout's (a different "
+                          "batch composition, dropout, or nondeterministic kernels)", RuntimeWarning, stacklevel=2)
+        self.iteration += 1
+        if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.eval_prompts is not None:
+            row.update(self.evaluate())
+        self._log_row(row)
+        return row
+
+    def _train_on(self, rollout, adv: Tensor) -> Dict[str, Tensor]:
+        cfg, t = self.config, self.config.train
+        N, S = rollout.log_probs.shape
+        gen = torch.Generator().manual_seed(self.derived_seed("train", self.iteration))
+        sel = self._trained_steps(S, N, gen)  # [N, K]
+        K = sel.shape[1]
+        per_step = adv.ndim == 2
+        if t.mask_zero_advantage:
+            nonzero = (adv != 0).any(dim=1) if per_step else adv != 0
+            keep = nonzero.nonzero().flatten().cpu()
+        else:
+            keep = torch.arange(N)
+        lo, hi = t.clip_range if isinstance(t.clip_range, tuple) else (t.clip_range, t.clip_range)
+        ref = self.ref
+        dev = self.device
+        stats: Dict[str, List[Tensor]] = {k: [] for k in ("loss", "clip_low", "clip_high", "approx_kl", "kl", "ratio_mean",
+                                                         "ratio_min", "ratio_max", "grad_norm")}
+        onpolicy = torch.zeros((), device=dev)
+        skipped = 0
+        steps_done = 0
+        bs = keep.numel() if t.batch_size is None else t.batch_size
+        for net in self.nets:
+            net.train()
+        try:
+            for epoch in range(t.inner_epochs):
+                if keep.numel() == 0:
+                    break
+                order = keep[torch.randperm(keep.numel(), generator=gen)]
+                for mb_i, start in enumerate(range(0, order.numel(), bs)):
+                    mb = order[start:start + bs]
+                    mb_dev = mb.to(dev)
+                    first = epoch == 0 and mb_i == 0
+                    for k in range(K):
+                        steps_k = sel[mb, k]
+                        same = bool((steps_k == steps_k[0]).all())
+                        step_arg = int(steps_k[0]) if same else steps_k
+                        with self._autocast():
+                            lp, kl = evaluate_step(rollout, step_arg, mb, ref_model=ref, kl=t.kl)
+                        steps_dev = steps_k.to(dev)
+                        old = rollout.log_probs[mb_dev, steps_dev]
+                        a = adv[mb_dev, steps_dev] if per_step else adv[mb_dev]
+                        loss, st = grpo_loss(lp.float(), old, a, (lo, hi), kl=kl, beta=t.beta)
+                        scaled = loss / K
+                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                        with torch.no_grad():
+                            log_ratio = lp.detach().float() - old.float()
+                            ratio = torch.exp(log_ratio)
+                            stats["loss"].append(loss.detach())
+                            stats["clip_low"].append((ratio < 1 - lo).float().mean())
+                            stats["clip_high"].append((ratio > 1 + hi).float().mean())
+                            stats["approx_kl"].append(st.approx_kl)
+                            if kl is not None:
+                                stats["kl"].append(kl.detach().float().mean())
+                            stats["ratio_mean"].append(st.ratio_mean)
+                            stats["ratio_min"].append(st.ratio_min)
+                            stats["ratio_max"].append(st.ratio_max)
+                            if first:
+                                onpolicy = torch.maximum(onpolicy, (ratio - 1).abs().max())
+                    ok, norm = self._optimizer_step()
+                    stats["grad_norm"].append(norm)
+                    skipped += 0 if ok else 1
+                    steps_done += 1
+        finally:
+            for net in self.nets:
+                net.eval()
+
+        def mean(k):
+            return torch.stack(stats[k]).mean() if stats[k] else torch.tensor(float("nan"))
+
+        out = {"loss": mean("loss"), "clip_frac/low": mean("clip_low"), "clip_frac/high": mean("clip_high"),
+               "approx_kl": mean("approx_kl"), "ratio/mean": mean("ratio_mean"),
+               "ratio/min": torch.stack(stats["ratio_min"]).min() if stats["ratio_min"] else torch.tensor(float("nan")),
+               "ratio/max": torch.stack(stats["ratio_max"]).max() if stats["ratio_max"] else torch.tensor(float("nan")),
+               "grad_norm": mean("grad_norm"), "onpolicy/max_dev": onpolicy,
+               "trained_samples": torch.tensor(float(keep.numel())), "skipped_steps": torch.tensor(float(skipped)),
+               "minibatch_steps": torch.tensor(float(steps_done))}
+        out["clip_frac"] = out["clip_frac/low"] + out["clip_frac/high"]
+        if stats["kl"]:
+            out["kl"] = mean("kl")
+        return out
+
+    def _optimizer_step(self):
+        """Clip, check finiteness, step (or skip and count), EMA; returns (applied, grad norm)."""
+        t = self.config.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        finite = bool(torch.isfinite(norm))  # one flag per optimizer step
+        if self.scaler is not None:
+            if finite:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.optimizer_steps += 1
+            if self.ema is not None:
+                self.ema.update()
+        else:
+            self.skipped_steps += 1
+        return finite, norm.detach().float()
+
+    # ------------------------------------------------------------------------------- train loop
+
+    def train(self) -> List[Dict[str, Any]]:
+        """Run to config.train.iterations, checkpointing every checkpoint.every and at the end."""
+        cfg = self.config
+        rows = []
+        bar = None
+        if cfg.logging.tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc=f"flowsteer {cfg.algorithm}",
+                       unit="it", dynamic_ncols=True)
+        try:
+            while self.iteration < cfg.train.iterations:
+                row = self.step()
+                rows.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{row['reward/mean']:.4g}", kl=f"{row['approx_kl']:.2g}")
+                every = cfg.checkpoint.every
+                if self.run_dir is not None and ((every and self.iteration % every == 0)
+                                                 or self.iteration == cfg.train.iterations):
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._tb:
+                self._tb.flush()
+        return rows
+
+    # ------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """ODE samples of the held-out prompts with the eval steps and CFG, fixed seeds and the EMA
+        weights when EMA is on; the training and extra rewards' means, and a grid in samples/."""
+        cfg, e = self.config, self.config.eval
+        if self.eval_prompts is None:
+            raise ConfigError("evaluate needs prompts.eval")
+        prompts = self.eval_prompts[:e.max_prompts] if e.max_prompts else self.eval_prompts
+        meta = None if self.eval_meta is None else self.eval_meta[:len(prompts)]
+        gs = cfg.sampling.guidance_scale if e.guidance_scale is None else e.guidance_scale
+        s = cfg.sampling
+        size = {k: v for k, v in dict(height=s.height, width=s.width, num_frames=s.num_frames).items()
+                if v is not None and not _is_callable_adapter(self.adapter)}
+        images, finals = [], []
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), self._autocast():
+            for c, start in enumerate(range(0, len(prompts), e.batch_size)):
+                r = sample(self.adapter, prompts[start:start + e.batch_size], num_steps=e.num_steps, guidance_scale=gs,
+                           kind="ode", noise_level=0.0, seed=e.seed + c, decode=self.adapter.can_decode, **size)
+                finals.append(r.final_latents.float())
+                if r.images is not None:
+                    images.append(r.images.float())
+        class _R:  # the fields _score reads
+            pass
+        roll = _R()
+        roll.images = torch.cat(images) if images else None
+        roll.final_latents = torch.cat(finals)
+        out: Dict[str, float] = {}
+        outputs = self._score(self.reward, roll, prompts, meta)
+        for k, name in enumerate(outputs.names):
+            out[f"eval/reward/{name}"] = float(outputs.rewards[:, k].float().mean())
+        out["eval/reward/mean"] = float(outputs.weighted_sum().float().mean())
+        if self.eval_rewards:
+            extra = self._score(MultiReward(self.eval_rewards), roll, prompts, meta)
+            for k, name in enumerate(extra.names):
+                out[f"eval/extra/{name}"] = float(extra.rewards[:, k].float().mean())
+        if self.run_dir is not None and roll.images is not None:
+            write_grid(os.path.join(self.run_dir, "samples", f"eval-{self.iteration:06d}.png"), roll.images, prompts)
+        return out
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def state(self):
+        """(tensors, meta) of everything a run needs to continue bit for bit."""
+        tensors: Dict[str, Tensor] = {f"model.{n}": p for n, p in self.named_params}
+        opt_t, opt_m = ckpt.flatten_optimizer(self.optimizer, "optimizer")
+        tensors.update(opt_t)
+        if self.ema is not None:
+            tensors.update(self.ema.tensors())
+        rng_t, rng_m = ckpt.rng_state()
+        tensors.update(rng_t)
+        meta: Dict[str, Any] = {
+            "format": 1, "step": self.iteration, "config_hash": self.config.hash(), "config": self.config.to_dict(),
+            "optimizer": opt_m, "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
+            "sampler": self.sampler.state_dict(), "rng": rng_m, "versions": _versions(),
+            "window": {"type": self.config.sampling.window.type, "iteration": self.iteration},
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+        }
+        if self.prm is not None:
+            tensors.update({f"prm.{k}": v for k, v in self.prm.state_dict().items()})
+            meta["prm"] = {"latent_channels": self.prm.latent_channels, "video": self.prm.video}
+            if self.prm._optimizer is not None:
+                pt, pm = ckpt.flatten_optimizer(self.prm._optimizer, "prm_optimizer")
+                tensors.update(pt)
+                meta["prm"]["optimizer"] = pm
+        return tensors, meta
+
+    def save(self, directory: Optional[str] = None) -> str:
+        """Write a checkpoint atomically: into `directory`'s checkpoints/ (default: the run dir)."""
+        root = directory if directory is not None else self.run_dir
+        if root is None:
+            raise ValueError("save needs a directory (the trainer has no run_dir)")
+        tensors, meta = self.state()
+        lora = self.config.model.lora is not None
+
+        def extra(tmp):
+            if lora:
+                save_lora(self.model, self.nets, os.path.join(tmp, "lora"))
+                if self.ema is not None:
+                    with self.ema.applied():
+                        save_lora(self.model, self.nets, os.path.join(tmp, "lora_ema"))
+            net = self.nets[0]
+            if hasattr(net, "config"):
+                with open(os.path.join(tmp, "network_config.json"), "w") as f:
+                    json.dump({k: v for k, v in dict(net.config).items()}, f, indent=1, default=list)
+
+        return ckpt.save_checkpoint(os.path.join(root, "checkpoints"), self.iteration, tensors, meta, extra,
+                                    keep=self.config.checkpoint.keep)
+
+    def load_state(self, path: str) -> None:
+        tensors, meta = ckpt.load_checkpoint(path)
+        with torch.no_grad():
+            for n, p in self.named_params:
+                if f"model.{n}" not in tensors:
+                    raise ValueError(f"checkpoint {path} has no weights for {n}: it was written for another model")
+                p.copy_(tensors[f"model.{n}"])
+        ckpt.unflatten_optimizer(self.optimizer, tensors, meta["optimizer"], "optimizer")
+        if self.ema is not None:
+            self.ema.load(tensors)
+        if self.scaler is not None and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        if "prm" in meta:
+            p = meta["prm"]
+            prm = self.ensure_prm(latent_channels=p["latent_channels"], video=p["video"])
+            prm.load_state_dict({k[4:]: v.to(self.device) for k, v in tensors.items() if k.startswith("prm.")})
+            if "optimizer" in p:
+                prm._optimizer = torch.optim.AdamW(prm.parameters(), lr=self.config.prm.fit_lr, weight_decay=0.0)
+                ckpt.unflatten_optimizer(prm._optimizer, tensors, p["optimizer"], "prm_optimizer")
+        self.sampler.load_state_dict(meta["sampler"])
+        self.iteration = int(meta["step"])
+        self.optimizer_steps = int(meta["optimizer_steps"])
+        self.skipped_steps = int(meta["skipped_steps"])
+        ckpt.set_rng_state(tensors, meta["rng"])
+
+    @classmethod
+    def resume(cls, run_dir: str, pipe=None, reward=None, config: Union[Config, str, Dict[str, Any], None] = None,
+               **kwargs) -> "GRPOTrainer":
+        """The trainer of run_dir at its latest complete checkpoint. config: None (the run's own), or
+        a config that may differ from it only in train.iterations (and logging)."""
+        cfg_path = os.path.join(run_dir, "config.yaml")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{run_dir} is not a flowsteer run directory (no config.yaml)")
+        saved = load_config(cfg_path)
+        path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        if path is None:
+            raise FileNotFoundError(f"{run_dir} has no complete checkpoint to resume from")
+        if config is not None:
+            new = config if isinstance(config, Config) else load_config(config)
+            diff = diff_configs(saved, new)
+            if diff:
+                raise ConfigError(f"resuming {run_dir} with a config that changes the run: {', '.join(diff)} differ "
+                                  "(only train.iterations may change)")
+            cfg = new
+        else:
+            cfg = saved
+        with open(os.path.join(path, "state.json")) as f:
+            step = json.load(f)["step"]
+        trainer = cls(pipe, reward, cfg, run_dir=run_dir, _resuming=True, **kwargs)
+        trainer.load_state(path)
+        _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+        if config is not None:
+            head = {"config_hash": cfg.hash(), **{f"version {k}": v for k, v in _versions().items()}}
+            ckpt_text = dump_yaml(cfg, head)
+            tmp = cfg_path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(ckpt_text)
+            os.replace(tmp, cfg_path)
+        return trainer
+
+    def check(self) -> str:
+        """The resolved config and the batch arithmetic, as `flowsteer train --check` prints them."""
+        return dump_yaml(self.config) + "\n" + describe_batch(self.config)
+
+
+def _is_callable_adapter(adapter) -> bool:
+    from ..sampler import CallableAdapter
+
+    return isinstance(adapter, CallableAdapter)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop rows after `step` (iterations run after the checkpoint, before the process died)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row cut by the kill
+                continue
+            if row.get("iteration", 0) <= step:
+                keep.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(k + "\n" for k in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
