@@ -93,6 +93,97 @@ def _bench(args) -> int:
     return 0
 
 
+def _recipes(args) -> int:
+    from .train.config import load_config, recipe_names
+
+    for name in recipe_names():
+        print(f"{name:12s} {load_config(name).description}")
+    return 0
+
+
+def _train(args) -> int:
+    import os
+
+    from .train import GRPOTrainer, describe_batch, load_config
+    from .train.config import ConfigError, dump_yaml
+
+    try:
+        cfg = load_config(args.config, args.set or [])
+    except ConfigError as exc:
+        print(f"flowsteer train: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        return _train_check(cfg)
+    out = args.output_dir
+    if args.resume:
+        if out is None:
+            print("flowsteer train: --resume needs --output-dir, the run directory to continue", file=sys.stderr)
+            return 2
+        try:
+            trainer = GRPOTrainer.resume(out, config=cfg)
+        except (ConfigError, FileNotFoundError) as exc:
+            print(f"flowsteer train: {exc}", file=sys.stderr)
+            return 2
+        print(f"resuming {out} at iteration {trainer.iteration} of {cfg.train.iterations}")
+    else:
+        if out is None:
+            name = os.path.splitext(os.path.basename(args.config))[0]
+            out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            trainer = GRPOTrainer(None, None, cfg, run_dir=out)
+        except (ConfigError, FileExistsError) as exc:
+            print(f"flowsteer train: {exc}", file=sys.stderr)
+            return 2
+        print(f"run directory: {out}")
+    print(describe_batch(cfg))
+    trainer.train()
+    print(f"done: {trainer.iteration} iterations; metrics in {os.path.join(out, 'metrics.jsonl')}")
+    return 0
+
+
+def _train_check(cfg) -> int:
+    """Build everything, print the resolved config and the batch arithmetic, run one tiny step (one
+    prompt group, no files written) and report its on-policy ratio."""
+    import dataclasses
+
+    from .train import GRPOTrainer, describe_batch
+    from .train.config import ConfigError, dump_yaml
+
+    print(dump_yaml(cfg))
+    print(describe_batch(cfg))
+    tiny = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, prompts_per_iteration=1, batch_size=None,
+                                                              iterations=1),
+                               logging=dataclasses.replace(cfg.logging, tqdm=False, tensorboard=False))
+    try:
+        trainer = GRPOTrainer(None, None, tiny)
+    except ConfigError as exc:
+        print(f"flowsteer train --check: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    row = trainer.step()
+    print(f"check step: 1 prompt x {cfg.sampling.group_size} samples in {time.perf_counter() - t0:.1f} s; "
+          f"reward mean {row['reward/mean']:.4g}, on-policy max |ratio - 1| = {row['onpolicy/max_dev']:.1e}, "
+          f"grad norm {row['grad_norm']:.3g}")
+    print("check: OK")
+    return 0
+
+
+def _export(args) -> int:
+    from .train.export import export_run
+
+    path = export_run(args.run_dir, args.out, ema=args.ema)
+    print(f"exported {path} to {args.out}")
+    return 0
+
+
+def _plot(args) -> int:
+    from .train.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flowsteer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +210,25 @@ def main(argv=None) -> int:
                        help="timed rounds (each runs every loop once, in turn); the best of each is reported")
     bench.add_argument("--out", default=None, help="write the results as JSON here")
     bench.set_defaults(func=_bench)
+    train = sub.add_parser("train", help="post-train a model: flowsteer train RECIPE_OR_YAML [--set KEY=VALUE ...]")
+    train.add_argument("config", help="a shipped recipe (flowsteer recipes) or a YAML file")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key (dotted path, value parsed as YAML); repeatable")
+    train.add_argument("--output-dir", default=None, help="the run directory (default runs/NAME-TIMESTAMP)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its latest checkpoint")
+    train.add_argument("--check", action="store_true",
+                       help="build everything, print the resolved config and batch arithmetic, run one tiny step")
+    train.set_defaults(func=_train)
+    sub.add_parser("recipes", help="list the shipped training recipes").set_defaults(func=_recipes)
+    export = sub.add_parser("export", help="write a run's LoRA (or full weights) for a plain diffusers pipeline")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True, help="the output directory")
+    export.add_argument("--ema", action="store_true", help="export the EMA weights (when the run kept them)")
+    export.set_defaults(func=_export)
+    plot = sub.add_parser("plot", help="draw a run's reward and KL curves and its latest sample grid to PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="the output directory (default RUN_DIR/plots)")
+    plot.set_defaults(func=_plot)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve-reward"]:
         from .rewards.remote import serve_main

@@ -327,8 +327,8 @@ def _from_dict(cls, data: Dict[str, Any], prefix: str = ""):
     for k in data:
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.5)
-            hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{k!r}.{hint} Allowed under "
+            hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {prefix + str(k)!r}.{hint} Allowed under "
                               f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
     kwargs = {k: _convert(hints[k], v, prefix + k) for k, v in data.items()}
     return cls(**kwargs)
@@ -462,12 +462,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"seed must be in [0, 2**62) (got {cfg.seed})")
     for key, value in (("sampling.num_steps", s.num_steps), ("sampling.group_size", s.group_size),
                        ("train.iterations", t.iterations), ("train.prompts_per_iteration", t.prompts_per_iteration),
-                       ("train.inner_epochs", t.inner_epochs), ("train.lr", t.lr), ("eval.num_steps", cfg.eval.num_steps),
+                       ("train.inner_epochs", t.inner_epochs), ("eval.num_steps", cfg.eval.num_steps),
                        ("eval.batch_size", cfg.eval.batch_size), ("checkpoint.keep", cfg.checkpoint.keep),
                        ("prm.hidden", cfg.prm.hidden), ("prm.depth", cfg.prm.depth), ("prm.fit_steps", cfg.prm.fit_steps),
                        ("prm.fit_lr", cfg.prm.fit_lr), ("prm.fit_batch_size", cfg.prm.fit_batch_size)):
         _positive(key, value)
-    for key, value in (("sampling.noise_level", s.noise_level), ("sampling.guidance_scale", s.guidance_scale),
+    for key, value in (("train.lr", t.lr), ("sampling.noise_level", s.noise_level), ("sampling.guidance_scale", s.guidance_scale),
                        ("train.weight_decay", t.weight_decay), ("train.lr_warmup_steps", t.lr_warmup_steps),
                        ("train.beta", t.beta), ("eval.every", cfg.eval.every), ("checkpoint.every", cfg.checkpoint.every),
                        ("train.advantages.eps", t.advantages.eps), ("prm.guidance_scale", cfg.prm.guidance_scale)):

@@ -462,10 +462,17 @@ class GRPOTrainer:
         roll.images = torch.cat(images) if images else None
         roll.final_latents = torch.cat(finals)
         out: Dict[str, float] = {}
-        outputs = self._score(self.reward, roll, prompts, meta)
-        for k, name in enumerate(outputs.names):
-            out[f"eval/reward/{name}"] = float(outputs.rewards[:, k].float().mean())
-        out["eval/reward/mean"] = float(outputs.weighted_sum().float().mean())
+        # a pairwise win rate needs a group; one ODE sample per prompt has none, so it is left out here
+        from ..rewards import WinRateReward
+
+        pointwise = {n: r for n, r in self.reward.rewards.items() if not isinstance(r, WinRateReward)}
+        if pointwise:
+            reward = self.reward if len(pointwise) == len(self.reward.rewards) else MultiReward(
+                pointwise, {n: w for n, w in self.reward.weights.items() if n.split("/")[0] in pointwise})
+            outputs = self._score(reward, roll, prompts, meta)
+            for k, name in enumerate(outputs.names):
+                out[f"eval/reward/{name}"] = float(outputs.rewards[:, k].float().mean())
+            out["eval/reward/mean"] = float(outputs.weighted_sum().float().mean())
         if self.eval_rewards:
             extra = self._score(MultiReward(self.eval_rewards), roll, prompts, meta)
             for k, name in enumerate(extra.names):
