@@ -204,3 +204,131 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
     results["branch_speedup"] = results[branch_key] / results[full_key]
     log(f"branch vs full SDE rollouts: {results['branch_speedup']:.2f}x")
     return results
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def research_train_step(pipe, rollout, advantages: torch.Tensor, clip_range, beta: float, ref_transformer=None,
+                        kl: str = "flow_grpo", max_sequence_length: int = 256, *, num_train_steps=None,
+                        optimizer=None, params=None, max_grad_norm=None) -> Dict[str, torch.Tensor]:
+    """The training update of one rollout batch of an SD3 pipeline as Flow-GRPO's train_sd3.py writes it.
+
+    One minibatch (the whole batch); for each trained step j in order, a separate loss and its
+    `.backward()`, gradients accumulated over the steps (each loss over num_train_steps, as
+    accelerate's gradient accumulation scales it); then, with an optimizer, one clipped step:
+
+    - the prompts are encoded per image (N prompts and N negative prompts, pipe.encode_prompt),
+      once per call, and CFG runs as Flow-GRPO's compute_log_prob runs it: one forward of the
+      concatenated batch [negative; positive], split with chunk(2);
+    - the step is `sde_step_with_logprob`: a per-sample timestep -> schedule index lookup (one host
+      sync per sample and step), then mean, std and log_prob with plain torch ops in fp32, the
+      formulas of ops/reference.py (reference.sde_step, which is Flow-GRPO's math for kind 'flow');
+    - with beta > 0, the KL to a reference from a separate forward without grad: the transformer
+      with its LoRA adapters disabled (ref_transformer None), or ref_transformer; its mean from
+      the same step, KL = mean((mean - ref_mean)^2) / (2 g^2) (kl="flow_grpo") or / (2 std^2)
+      ("exact"), reference.sde_kl;
+    - the PPO-clip loss with torch ops, mean(max(-A rho, -A clip(rho, 1 - lo, 1 + hi))) + beta mean(KL).
+
+    rollout: a flowsteer Rollout of pipe (its latents, next_latents, old log_probs [N, S], steps
+    and prompts). advantages: [N], or [N, S] per step. clip_range: eps or (eps_low, eps_high).
+    num_train_steps: the first K of the S steps (default all). optimizer, params, max_grad_norm:
+    the optimizer stepped once after the K backwards, gradients clipped to max_grad_norm over params
+    (None: no clipping); without an optimizer the gradients stay in the parameters' .grad.
+
+    Returns detached tensors: log_prob [N, K], kl [N, K] (None when beta == 0), loss [K] (each step's
+    loss before the 1 / K scaling), approx_kl [K] and clipfrac [K] (Flow-GRPO's statistics).
+    """
+    if rollout.guidance is not None:
+        raise ValueError("research_train_step: the rollout was sampled with reward guidance (Euphonium); the "
+                         "research-style step has no guided mean")
+    transformer = pipe.transformer
+    device = pipe._execution_device
+    N, S = rollout.log_probs.shape
+    K = S if num_train_steps is None else num_train_steps
+    if not (isinstance(K, int) and 1 <= K <= S):
+        raise ValueError(f"num_train_steps must be an int in [1, {S}] (the rollout's stochastic steps); got {K!r}")
+    lo, hi = clip_range if isinstance(clip_range, (tuple, list)) else (clip_range, clip_range)
+    if advantages.shape not in ((N,), (N, S)):
+        raise ValueError(f"advantages must be [N] = [{N}] or [N, S] = [{N}, {S}] (got {tuple(advantages.shape)})")
+    num_steps = len(rollout.sigmas) - 1
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(num_steps, device=device)
+    if max(abs(a - b) for a, b in zip(sched.sigmas.tolist(), rollout.sigmas)) > 1e-6:
+        raise ValueError("research_train_step: pipe.scheduler.set_timesteps gives other sigmas than the rollout's "
+                         "(a dynamic shift?); it supports schedules without one")
+    sigma_max = float(sched.sigmas[1])
+    cfg = rollout.guidance_scale > 1.0
+    with torch.no_grad():
+        pe, ne, pp, npool = pipe.encode_prompt(prompt=list(rollout.prompts), prompt_2=None, prompt_3=None,
+                                               device=device, do_classifier_free_guidance=cfg,
+                                               negative_prompt=[""] * N if cfg else None,
+                                               max_sequence_length=max_sequence_length)
+    embeds, pooled = (torch.cat([ne, pe]), torch.cat([npool, pp])) if cfg else (pe, pp)
+
+    def forward(net, latents, timestep):
+        if not cfg:
+            return net(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeds,
+                       pooled_projections=pooled, return_dict=False)[0]
+        v = net(hidden_states=torch.cat([latents] * 2), timestep=torch.cat([timestep] * 2),
+                encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        v_uncond, v_text = v.chunk(2)
+        return v_uncond + rollout.guidance_scale * (v_text - v_uncond)
+
+    def step_with_log_prob(v, latents, timestep, next_latents):
+        index = [sched.index_for_timestep(t) for t in timestep]
+        sigma = sched.sigmas[index]
+        sigma_next = sched.sigmas[[i + 1 for i in index]]
+        return reference.sde_step(v.float(), latents.float(), sigma, sigma_next, rollout.kind, rollout.noise_level,
+                                  prev_sample=next_latents.float(), sigma_max=sigma_max if sigma_max < 1 else None,
+                                  cps_logprob=rollout.sde_options.get("cps_logprob", "exact"))
+
+    info: Dict[str, list] = {k: [] for k in ("log_prob", "kl", "loss", "approx_kl", "clipfrac")}
+    training = transformer.training
+    transformer.train()
+    try:
+        for j in range(K):
+            latents, next_latents = rollout.latents[:, j], rollout.next_latents[:, j]
+            timestep = sched.timesteps[rollout.steps[j]].expand(N)  # Flow-GRPO's sample["timesteps"][:, j]
+            out = step_with_log_prob(forward(transformer, latents, timestep), latents, timestep, next_latents)
+            log_prob = out["log_prob"]
+            kl_value = None
+            if beta > 0:
+                with torch.no_grad():
+                    if ref_transformer is None:
+                        transformer.disable_adapters()
+                        try:
+                            ref_v = forward(transformer, latents, timestep)
+                        finally:
+                            transformer.enable_adapters()
+                    else:
+                        ref_v = forward(ref_transformer, latents, timestep)
+                    ref_mean = step_with_log_prob(ref_v, latents, timestep, next_latents)["mean"]
+                kl_value = reference.sde_kl(out["mean"], ref_mean, out["g"] if kl == "flow_grpo" else out["std"])
+            adv = advantages[:, j] if advantages.ndim == 2 else advantages
+            old_log_prob = rollout.log_probs[:, j]
+            ratio = torch.exp(log_prob - old_log_prob)
+            unclipped_loss = -adv * ratio
+            clipped_loss = -adv * torch.clamp(ratio, 1.0 - lo, 1.0 + hi)
+            loss = torch.mean(torch.maximum(unclipped_loss, clipped_loss))
+            if kl_value is not None:
+                loss = loss + beta * torch.mean(kl_value)
+            (loss / K).backward()
+            info["log_prob"].append(log_prob.detach())
+            info["loss"].append(loss.detach())
+            info["approx_kl"].append(0.5 * torch.mean((log_prob.detach() - old_log_prob) ** 2))
+            info["clipfrac"].append(torch.mean(((ratio.detach() < 1.0 - lo) | (ratio.detach() > 1.0 + hi)).float()))
+            if kl_value is not None:
+                info["kl"].append(kl_value.detach())
+        if optimizer is not None:
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params if params is not None else transformer.parameters(),
+                                               max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        transformer.train(training)
+    return {"log_prob": torch.stack(info["log_prob"], dim=1),
+            "kl": torch.stack(info["kl"], dim=1) if info["kl"] else None,
+            "loss": torch.stack(info["loss"]), "approx_kl": torch.stack(info["approx_kl"]),
+            "clipfrac": torch.stack(info["clipfrac"])}

@@ -275,7 +275,7 @@ def _convert(tp, value, key: str):
         allowed = typing.get_args(tp)
         if isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed):
             raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in allowed)} (got {value!r})")
-        if value not in allowed:
+        if value not in allowed or (isinstance(value, float) and not any(isinstance(a, float) for a in allowed)):
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in allowed)} (got {value!r}){hint}")
@@ -382,6 +382,9 @@ def _raw(source: str, seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
     if base is not None:
         if not isinstance(base, str):
             raise ConfigError(f"recipe must be a recipe name (got {base!r})")
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+        if base not in recipe_names() and not os.path.isabs(base) and os.path.exists(beside):
+            base = beside
         data = _merge(_raw(base, seen + (path,)), data)
     return data
 
@@ -525,12 +528,6 @@ def validate(cfg: Config) -> None:
         if s.group_size < 2:
             raise ConfigError("sampling.window 'branch' needs sampling.group_size >= 2")
     batch_arithmetic(cfg)
-    if t.batch_size is not None:
-        n = t.prompts_per_iteration * s.group_size
-        if n % t.batch_size:
-            raise ConfigError(f"train.batch_size = {t.batch_size} does not divide the samples per iteration: "
-                              f"train.prompts_per_iteration x sampling.group_size = {t.prompts_per_iteration} x "
-                              f"{s.group_size} = {n}, and {n} % {t.batch_size} = {n % t.batch_size}")
 
 
 def stochastic_steps(cfg: Config) -> int:
@@ -558,12 +555,19 @@ def batch_arithmetic(cfg: Config, world_size: int = 1) -> Dict[str, int]:
                           f"samples do not split over {world_size} processes ({n} % {world_size} = {n % world_size})")
     per_rank = n // world_size
     bs = per_rank if t.batch_size is None else t.batch_size
-    minibatches = per_rank // bs if per_rank % bs == 0 else None
+    if per_rank % bs:
+        where = (f"iteration: train.prompts_per_iteration x sampling.group_size = {t.prompts_per_iteration} x "
+                 f"{s.group_size} = {per_rank}" if world_size == 1 else
+                 f"process: train.prompts_per_iteration x sampling.group_size / processes = {t.prompts_per_iteration} "
+                 f"x {s.group_size} / {world_size} = {per_rank}")
+        raise ConfigError(f"train.batch_size = {bs} does not divide the samples per {where}, and "
+                          f"{per_rank} % {bs} = {per_rank % bs}")
+    minibatches = per_rank // bs
     S, K = stochastic_steps(cfg), trained_steps(cfg)
     return dict(prompts_per_iteration=t.prompts_per_iteration, group_size=s.group_size, samples=n,
-                world_size=world_size, samples_per_rank=per_rank, batch_size=bs, minibatches=minibatches or 0,
+                world_size=world_size, samples_per_rank=per_rank, batch_size=bs, minibatches=minibatches,
                 stochastic_steps=S, trained_steps=K, inner_epochs=t.inner_epochs,
-                optimizer_steps=(minibatches or 0) * t.inner_epochs, forwards_per_sample=K * t.inner_epochs)
+                optimizer_steps=minibatches * t.inner_epochs, forwards_per_sample=K * t.inner_epochs)
 
 
 def describe_batch(cfg: Config, world_size: int = 1) -> str:

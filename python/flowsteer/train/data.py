@@ -52,10 +52,7 @@ def load_prompts(source: Union[Sequence[str], str, None], key: str) -> Tuple[Lis
 class PromptSampler:
     """An endless stream of prompt indices: epoch e is a permutation of the prompts drawn from
     (seed, e), and the stream is cut into batches in order. The only state is the number of indices
-    consumed, so a resumed run draws exactly what the uninterrupted one would have.
-
-    rank / world_size: this process takes every world_size-th batch slot of each draw (the
-    multi-process trainer gives each rank its share of the same global batch)."""
+    consumed, so a resumed run draws exactly what the uninterrupted one would have."""
 
     def __init__(self, num_prompts: int, seed: int):
         if num_prompts < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 from typing import Dict, List, Optional, Tuple
@@ -188,13 +189,28 @@ def save_lora(model, nets: List[nn.Module], out_dir: str) -> None:
     net = nets[0]
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(net).items()}
     pipe_cls = type(model) if hasattr(type(model), "save_lora_weights") else None
+    peft_cfg = getattr(net, "peft_config", {}).get("default")
     if pipe_cls is not None:
-        pipe_cls.save_lora_weights(out_dir, transformer_lora_layers=state, safe_serialization=True)
+        kwargs = {}
+        if peft_cfg is not None and "transformer_lora_adapter_metadata" in inspect.signature(pipe_cls.save_lora_weights).parameters:
+            # rank and alpha travel with the weights (without them a loader assumes alpha = rank)
+            kwargs["transformer_lora_adapter_metadata"] = _jsonable(peft_cfg.to_dict())
+        pipe_cls.save_lora_weights(out_dir, transformer_lora_layers=state, safe_serialization=True, **kwargs)
     else:
         from safetensors.torch import save_file
 
         save_file(state, os.path.join(out_dir, "lora.safetensors"))
-        cfg = getattr(net, "peft_config", {}).get("default")
-        if cfg is not None:
+        if peft_cfg is not None:
             with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=1, default=list)
+                json.dump(_jsonable(peft_cfg.to_dict()), f, indent=1)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        items = [_jsonable(v) for v in x]
+        return sorted(items, key=str) if isinstance(x, (set, frozenset)) else items
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)

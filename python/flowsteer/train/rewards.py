@@ -14,17 +14,17 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Dict, Mapping
 
-from .config import ConfigError
+from .config import _YAML12_FLOAT, ConfigError
 
 
-def _builtin(kind: str) -> Callable[..., Any]:
+def _builtin(kind: str, key: str) -> Callable[..., Any]:
     from .. import rewards as R
 
     def win_rate(judge=None, group_size=None, **kw):
         if judge is None:
-            raise ConfigError("rewards.win_rate needs a judge: an import path 'module:attr' of a pairwise judge "
+            raise ConfigError(f"{key} needs a judge: an import path 'module:attr' of a pairwise judge "
                               "(judge(image_a, image_b, prompt) -> 1 / 0 / 0.5)")
-        return R.WinRateReward(import_object(judge, "rewards.win_rate.judge"), group_size, **kw)
+        return R.WinRateReward(import_object(judge, f"{key}.judge"), group_size, **kw)
 
     table = {
         "clip": R.CLIPScore, "clip_score": R.CLIPScore, "pickscore": R.PickScore, "hpsv2": R.HPSv2Score,
@@ -52,8 +52,8 @@ def import_object(path: str, key: str):
                           "'module:attr'")
     try:
         module = importlib.import_module(mod)
-    except ImportError as exc:
-        raise ConfigError(f"{key}: cannot import module {mod!r} ({exc})") from None
+    except Exception as exc:  # ImportError, or any error raised while the module runs
+        raise ConfigError(f"{key}: cannot import module {mod!r} ({type(exc).__name__}: {exc})") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -72,10 +72,12 @@ def build_reward(name: str, spec: Any, key: str, group_size: int):
         spec = {"weight": 1.0 if spec is None else spec}
     spec = dict(spec)
     weight = spec.pop("weight", 1.0)
+    if isinstance(weight, str) and _YAML12_FLOAT.match(weight.strip()):
+        weight = float(weight)  # YAML 1.1 reads 1e-4 as a string
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight != weight or abs(weight) == float("inf"):
         raise ConfigError(f"{key}.weight must be a finite number (got {weight!r})")
     kind = spec.pop("type", name)
-    factory = _builtin(kind)
+    factory = _builtin(kind, key)
     if kind == "win_rate":
         spec.setdefault("group_size", group_size)
     if factory is None:
@@ -111,6 +113,9 @@ def build_multi_reward(rewards: Dict[str, Any], mode: str, key: str, group_size:
         if not isinstance(name, str) or not name or "/" in name:
             raise ConfigError(f"{key}: reward names must be non-empty strings without '/' (got {name!r})")
         short = name.replace(":", ".").split(".")[-1] if (":" in name or "." in name) else name
+        if short in built:
+            raise ConfigError(f"{key}: two entries are both named {short!r} ({name!r} and an earlier one); give one a "
+                              "short name of its own with `type:` (e.g. bright_2: {type: " + name + "})")
         r, w = build_reward(name, spec, f"{key}.{name}", group_size)
         built[short], weights[short] = r, w
     return MultiReward(built, weights, mode=mode, **kwargs)
