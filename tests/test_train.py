@@ -32,6 +32,8 @@ def tiny_config(recipe="flow_grpo", *extra):
     over = list(TINY)
     if recipe in ("dance_grpo", "mix_grpo", "pref_grpo", "euphonium"):
         over.append("model.lora={rank: 4, alpha: 8}")  # these recipes fine-tune fully; LoRA keeps the test small
+    if recipe == "euphonium":
+        over += ["prm.fit_steps=5", "prm.fit_batch_size=32", "prm.hidden=16", "prm.depth=2"]
     if recipe == "mix_grpo":
         over.append("sampling.window.every=1")
     if recipe == "fast":

@@ -4,17 +4,24 @@ The reference loop is the same model, settings and math as flowsteer.sample, wri
 Flow-GRPO / DanceGRPO samplers are: every image's prompt encoded on its own, CFG as two separate
 forwards, a per-sample timestep lookup (one host sync per sample and step) and the eager torch
 step with torch.randn noise. `flowsteer bench rollout` and benches/ run it.
+
+The training step likewise: research_train_step is GRPOTrainer's training phase on one rollout
+batch written as Flow-GRPO's train_sd3.py writes it, check_research_step_matches checks that the
+two compute the same log-probs, KL and gradient, and bench_train times a trainer iteration and
+the two training steps (benches/bench_train.py).
 """
 from __future__ import annotations
 
 import copy
+import json
 import time
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
 from .ops import philox_normal, reference
 from .sampler import Branch, RandomWindow, SD3Adapter, sample
+from .sampler import evaluate as evaluate_step
 
 
 def research_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -209,6 +216,19 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
 # ------------------------------------------------------------------------------------ training
 
 
+def research_prompt_embeds(pipe, prompts: List[str], cfg: bool, max_sequence_length: int = 256):
+    """(embeds, pooled) of N per-image prompts as Flow-GRPO's training loop feeds them to the
+    transformer: [2N, L, D] and [2N, D] with CFG ([negative; positive], the negative prompt "" encoded
+    per image), [N, L, D] and [N, D] without."""
+    N = len(prompts)
+    with torch.no_grad():
+        pe, ne, pp, npool = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
+                                               device=pipe._execution_device, do_classifier_free_guidance=cfg,
+                                               negative_prompt=[""] * N if cfg else None,
+                                               max_sequence_length=max_sequence_length)
+    return (torch.cat([ne, pe]), torch.cat([npool, pp])) if cfg else (pe, pp)
+
+
 def research_train_step(pipe, rollout, advantages: torch.Tensor, clip_range, beta: float, ref_transformer=None,
                         kl: str = "flow_grpo", max_sequence_length: int = 256, *, num_train_steps=None,
                         optimizer=None, params=None, max_grad_norm=None) -> Dict[str, torch.Tensor]:
@@ -259,12 +279,7 @@ def research_train_step(pipe, rollout, advantages: torch.Tensor, clip_range, bet
                          "(a dynamic shift?); it supports schedules without one")
     sigma_max = float(sched.sigmas[1])
     cfg = rollout.guidance_scale > 1.0
-    with torch.no_grad():
-        pe, ne, pp, npool = pipe.encode_prompt(prompt=list(rollout.prompts), prompt_2=None, prompt_3=None,
-                                               device=device, do_classifier_free_guidance=cfg,
-                                               negative_prompt=[""] * N if cfg else None,
-                                               max_sequence_length=max_sequence_length)
-    embeds, pooled = (torch.cat([ne, pe]), torch.cat([npool, pp])) if cfg else (pe, pp)
+    embeds, pooled = research_prompt_embeds(pipe, rollout.prompts, cfg, max_sequence_length)
 
     def forward(net, latents, timestep):
         if not cfg:
@@ -332,3 +347,276 @@ def research_train_step(pipe, rollout, advantages: torch.Tensor, clip_range, bet
             "kl": torch.stack(info["kl"], dim=1) if info["kl"] else None,
             "loss": torch.stack(info["loss"]), "approx_kl": torch.stack(info["approx_kl"]),
             "clipfrac": torch.stack(info["clipfrac"])}
+
+
+def bench_trainer(pipe, *, prompts: int = 2, group_size: int = 4, num_steps: int = 4, height: int = 16,
+                  width: int = 16, lora_rank: int = 4, max_sequence_length: int = 16, overrides: Sequence[str] = ()):
+    """A GRPOTrainer on pipe with the flow_grpo recipe made small: `prompts` prompts per iteration
+    ("prompt number i") x group_size, num_steps steps of height x width, LoRA rank lora_rank
+    (alpha 2 rank) on the recipe's modules, the brightness reward of flowsteer.testing, fp32, one
+    minibatch (the whole batch), no EMA, every sample trained; then `overrides` (--set KEY=VALUE
+    strings). Adds LoRA adapters to pipe.transformer: give a pipeline that has none."""
+    from .train import GRPOTrainer, load_config
+
+    if getattr(pipe.transformer, "_hf_peft_config_loaded", False):
+        raise ValueError("bench_trainer adds LoRA adapters to pipe.transformer, which has some already (a trainer "
+                         "was built on this pipeline before): pass a freshly built pipeline")
+    cfg = load_config("flow_grpo", [
+        "model.dtype=float32", f"model.max_sequence_length={max_sequence_length}",
+        f"model.lora.rank={lora_rank}", f"model.lora.alpha={2 * lora_rank}",
+        "prompts.train=" + json.dumps([f"prompt number {i}" for i in range(prompts)]),
+        "rewards=" + json.dumps({"flowsteer.testing.rewards:brightness": {"weight": 1.0}}),
+        f"sampling.group_size={group_size}", f"sampling.num_steps={num_steps}", f"sampling.height={height}",
+        f"sampling.width={width}", f"train.prompts_per_iteration={prompts}", "train.batch_size=null",
+        "train.mixed_precision=fp32", "train.ema=false", "train.mask_zero_advantage=false", "eval.every=0",
+        "logging.tqdm=false", "logging.tensorboard=false", *overrides])
+    return GRPOTrainer(pipe, None, cfg)
+
+
+def fixed_batch(trainer):
+    """(rollout, advantages) of one iteration's batch as GRPOTrainer.step makes them (its next
+    prompts, its current weights), without training on it or advancing the trainer."""
+    P = trainer.config.train.prompts_per_iteration
+    idx = copy.deepcopy(trainer.sampler).next(P)
+    rollout = trainer._rollout([trainer.train_prompts[i] for i in idx])
+    outputs = trainer._score(trainer.reward, rollout, rollout.prompts, None)
+    outcome = trainer._advantages(outputs, rollout.group_ids).to(trainer.device)
+    return rollout, trainer.algorithm.advantages(trainer, outcome, rollout)
+
+
+def trainer_snapshot(trainer):
+    """A function that puts the trainer's weights, optimizer (and EMA) state and step counters
+    back as they are now: GRPOTrainer._train_on and research_train_step update the weights, and
+    each timed call starts from the same ones."""
+    params = [p.detach().clone() for p in trainer.params]
+    optimizer = copy.deepcopy(trainer.optimizer.state_dict())
+    ema = None if trainer.ema is None else [s.clone() for s in trainer.ema.shadow]
+    counters = trainer.optimizer_steps, trainer.skipped_steps
+
+    def restore():
+        with torch.no_grad():
+            for p, saved in zip(trainer.params, params):
+                p.copy_(saved)
+            if ema is not None:
+                for s, saved in zip(trainer.ema.shadow, ema):
+                    s.copy_(saved)
+        # load_state_dict keeps the given tensors, which the next step updates in place: a fresh copy each time
+        trainer.optimizer.load_state_dict(copy.deepcopy(optimizer))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.optimizer_steps, trainer.skipped_steps = counters
+
+    return restore
+
+
+def research_step_settings(trainer, rollout) -> Dict[str, Any]:
+    """research_train_step's keyword arguments for the trainer's training phase on rollout: its
+    clip range, beta, KL form and reference (None: the LoRA adapters off; or the frozen copy's
+    transformer), T5 tokens, and how many steps it trains (GRPOTrainer._trained_steps)."""
+    t = trainer.config.train
+    K = trainer._trained_steps(rollout.log_probs.shape[1], 1, torch.Generator()).shape[1]
+    ref = None if trainer.ref in (None, "base") else trainer.ref.pipe.transformer
+    return dict(clip_range=t.clip_range, beta=t.beta, ref_transformer=ref, kl=t.kl,
+                max_sequence_length=trainer.adapter.max_sequence_length, num_train_steps=K)
+
+
+def check_research_step_matches(trainer, rollout, advantages: torch.Tensor) -> Dict[str, float]:
+    """Check that research_train_step computes GRPOTrainer's training phase on this batch; raises
+    AssertionError if not. The trainer's weights and optimizer are left as they were.
+
+    Compares, for each trained step j: the research step's log-probs with flowsteer.evaluate's
+    (and with the rollout's own), its KL with evaluate's against the trainer's reference, and the
+    gradient it accumulates with the one GRPOTrainer._train_on hands its optimizer. Needs the
+    trainer's own settings for a research step: kind flow/dance/cps, the steps trained in order,
+    one minibatch, one inner epoch, every sample trained, fp32.
+    Returns the largest errors and their tolerances.
+    """
+    t = trainer.config.train
+    if not (t.timestep_order == "in_order" and t.batch_size is None and t.inner_epochs == 1
+            and not t.mask_zero_advantage and t.mixed_precision == "fp32"):
+        raise ValueError("check_research_step_matches needs the training phase research_train_step writes: "
+                         "train.timestep_order in_order, batch_size null, inner_epochs 1, mask_zero_advantage false "
+                         f"and mixed_precision fp32 (got {t.timestep_order}, {t.batch_size}, {t.inner_epochs}, "
+                         f"{t.mask_zero_advantage}, {t.mixed_precision})")
+    kwargs = research_step_settings(trainer, rollout)
+    K = kwargs["num_train_steps"]
+    restore = trainer_snapshot(trainer)
+    captured = []
+    optimizer_step = trainer._optimizer_step
+
+    def capture():  # the gradient the trainer's optimizer step sees
+        captured.append(torch.cat([p.grad.flatten() for p in trainer.params]))
+        return optimizer_step()
+
+    trainer._optimizer_step = capture
+    try:
+        trainer._train_on(rollout, advantages)
+    finally:
+        del trainer._optimizer_step
+        restore()
+    try:
+        research = research_train_step(trainer.model, rollout, advantages, **kwargs)
+        grad_research = torch.cat([p.grad.flatten() for p in trainer.params])
+    finally:
+        restore()
+    eps = torch.finfo(torch.float32).eps
+    sigma_max = rollout.sde_options.get("sigma_max")
+    out: Dict[str, float] = {"log_prob_err": 0.0, "log_prob_tol": float("inf"), "log_prob_vs_rollout_err": 0.0,
+                             "kl_err": 0.0, "kl_tol": float("inf")}
+    min_std, x_max = float("inf"), float(rollout.next_latents[:, :K].abs().max())
+    with torch.no_grad():
+        for j in range(K):
+            lp, kl = evaluate_step(rollout, j, ref_model=trainer.ref, kl=t.kl)
+            lp_research = research["log_prob"][:, j]
+            # tests/helpers.py's floor: the fused kernel and the reference evaluate the same formula
+            # in different orders, a few fp32 ulp of the largest term apart (16 ulp allowed).
+            tol = 16 * eps * max(1.0, float(lp.abs().max()))
+            err = float((lp_research - lp.float()).abs().max())
+            err_old = float((lp_research - rollout.log_probs[:, j].float()).abs().max())
+            assert err <= tol and err_old <= tol, (
+                f"research_train_step's log-prob of trained step {j} differs from flowsteer.evaluate's by {err:.3e} "
+                f"(from the rollout's by {err_old:.3e}); tol {tol:.3e}")
+            i = rollout.steps[j]
+            _, std, g = reference.sde_coefficients(rollout.sigmas[i], rollout.sigmas[i + 1], rollout.kind,
+                                                   rollout.noise_level, sigma_max, torch.zeros(1, 1))
+            std, g = float(std), float(g)
+            min_std = min(min_std, std)
+            out["log_prob_err"], out["log_prob_tol"] = max(out["log_prob_err"], err), min(out["log_prob_tol"], tol)
+            out["log_prob_vs_rollout_err"] = max(out["log_prob_vs_rollout_err"], err_old)
+            if research["kl"] is not None:
+                # KL = mean((mean - ref_mean)^2) / (2 s^2): a difference of two means of size |x'|,
+                # each 16 ulp of |x'| (e) off at most, moves it by e sqrt(2 KL) / s + e^2 / (2 s^2).
+                s = g if t.kl == "flow_grpo" else std
+                e = 16 * eps * max(1.0, x_max)
+                tol_kl = e * (2 * kl.float()).sqrt() / s + e**2 / (2 * s**2)
+                err_kl = (research["kl"][:, j] - kl.float()).abs()
+                assert bool((err_kl <= tol_kl).all()), (
+                    f"research_train_step's KL of trained step {j} differs from flowsteer.evaluate's by "
+                    f"{float(err_kl.max()):.3e} (KL {float(kl.abs().max()):.3e}; tol {float(tol_kl.min()):.3e})")
+                out["kl_err"] = max(out["kl_err"], float(err_kl.max()))
+                out["kl_tol"] = min(out["kl_tol"], float(tol_kl.min()))
+    # The gradient's relative error is that of x' - mean, a few ulp of |x'| over the step's std:
+    # twice the 16-ulp bound at the trained step with the smallest std.
+    (grad_trainer,) = captured
+    rel = float((grad_research - grad_trainer).norm() / grad_trainer.norm().clamp_min(torch.finfo(torch.float32).tiny))
+    tol_grad = 2 * 16 * eps * max(1.0, x_max) / min_std
+    assert rel <= tol_grad, (f"research_train_step's gradient differs from GRPOTrainer._train_on's by {rel:.3e} "
+                             f"relative (norm); tol {tol_grad:.3e}")
+    out.update(grad_rel_err=rel, grad_rel_tol=tol_grad)
+    return out
+
+
+def _time_in_turns(fns: Dict[str, Callable], device: torch.device, repeats: int, reset: Callable,
+                   log=print) -> Dict[str, float]:
+    """Best seconds per call of each function, timed in turns as _time does, with reset() (not
+    timed) before every call and each call's seconds logged as soon as it is measured."""
+
+    def once(fn):
+        reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    for fn in fns.values():
+        once(fn)
+    best = {key: float("inf") for key in fns}
+    for r in range(repeats):
+        for key, fn in fns.items():
+            seconds = once(fn)
+            best[key] = min(best[key], seconds)
+            log(f"  round {r + 1}/{repeats}: {key:32s} {seconds * 1e3:9.1f} ms")
+    reset()
+    return best
+
+
+def bench_train(pipe, *, prompts: int = 2, group_size: int = 4, num_steps: int = 4, height: int = 16,
+                width: int = 16, lora_rank: int = 4, max_sequence_length: int = 16, overrides: Sequence[str] = (),
+                repeats: int = 3, log=print) -> Dict[str, Any]:
+    """Seconds of a GRPOTrainer iteration, and of its training phase against research_train_step.
+
+    (i) bench_trainer's GRPOTrainer on pipe (the flow_grpo recipe made small, see there): one
+    warm-up iteration, then `repeats` iterations (each on new prompts and updated weights), split
+    as GRPOTrainer.step reports it into rollout, reward and train seconds (train: advantages and
+    the training phase); best of each.
+    (ii) On one fixed batch from the trainer's next prompts: GRPOTrainer._train_on against
+    research_train_step, both starting from the same weights and optimizer state (put back before
+    every call, untimed) and ending with one clipped AdamW step; the same trained steps, minibatch
+    (the whole batch), advantages and loss. check_research_step_matches runs first. Timed in turns
+    (trainer, research, trainer, ...), one warm-up call each, best of `repeats`.
+
+    Adds LoRA adapters to pipe.transformer (give a freshly built pipeline). Every figure is logged
+    as it is measured. Returns a JSON-able dict: device, shapes, settings, the iteration split, the
+    two training steps' seconds and the speedup, and the check's errors.
+    """
+    from .train.config import batch_arithmetic
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1 (got {repeats})")
+    trainer = bench_trainer(pipe, prompts=prompts, group_size=group_size, num_steps=num_steps, height=height,
+                            width=width, lora_rank=lora_rank, max_sequence_length=max_sequence_length,
+                            overrides=overrides)
+    cfg, device = trainer.config, trainer.device
+    batch = batch_arithmetic(cfg)
+    N, S, K = batch["samples"], batch["stochastic_steps"], batch["trained_steps"]
+    results: Dict[str, Any] = {
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+        "shapes": {"prompts": prompts, "group_size": group_size, "samples": N, "num_steps": num_steps,
+                   "stochastic_steps": S, "trained_steps": K, "height": height, "width": width,
+                   "max_sequence_length": max_sequence_length, "lora_rank": lora_rank},
+        "settings": {"recipe": "flow_grpo", "overrides": list(overrides), "guidance_scale": cfg.sampling.guidance_scale,
+                     "kind": cfg.sampling.kind, "noise_level": cfg.sampling.noise_level, "beta": cfg.train.beta,
+                     "kl": cfg.train.kl, "clip_range": cfg.train.clip_range, "repeats": repeats},
+    }
+    log(f"training step benchmark on {device}: {prompts} prompts x {group_size} = {N} samples, {num_steps} steps "
+        f"({K} of {S} trained), {height}x{width} px, {max_sequence_length} T5 tokens, LoRA rank {lora_rank}, "
+        f"CFG {cfg.sampling.guidance_scale}, beta {cfg.train.beta}")
+
+    # (i) whole iterations
+    trainer.step()
+    best = {key: float("inf") for key in ("rollout", "reward", "train", "total", "wall")}
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        row = trainer.step()
+        split = {key: row[f"time/{key}"] for key in ("rollout", "reward", "train", "total")}
+        split["wall"] = time.perf_counter() - t0
+        for key, seconds in split.items():
+            best[key] = min(best[key], seconds)
+        log(f"  iteration {r + 1}/{repeats}: rollout {split['rollout']:.3f} s, reward {split['reward']:.4f} s, "
+            f"train {split['train']:.3f} s, total {split['total']:.3f} s (step() wall {split['wall']:.3f} s)")
+    results["iteration_s"] = best
+    log(f"GRPOTrainer iteration, best of {repeats}: rollout {best['rollout']:.3f} s, reward {best['reward']:.4f} s, "
+        f"train {best['train']:.3f} s, total {best['total']:.3f} s ({N / best['rollout']:.1f} images/s sampled)")
+
+    # (ii) the training phase on one batch, same weights each call
+    rollout, advantages = fixed_batch(trainer)
+    results["shapes"]["latents"] = list(rollout.latents.shape[2:])
+    restore = trainer_snapshot(trainer)
+    check = check_research_step_matches(trainer, rollout, advantages)
+    results["check"] = check
+    log(f"same math: log-prob err {check['log_prob_err']:.2e} (tol {check['log_prob_tol']:.2e}), KL err "
+        f"{check['kl_err']:.2e} (tol {check['kl_tol']:.2e}), gradient rel err {check['grad_rel_err']:.2e} "
+        f"(tol {check['grad_rel_tol']:.2e})")
+    research_kwargs = research_step_settings(trainer, rollout)
+    trainer_key, research_key = "GRPOTrainer._train_on", "research_train_step"
+    times = _time_in_turns({
+        trainer_key: lambda: trainer._train_on(rollout, advantages),
+        research_key: lambda: research_train_step(pipe, rollout, advantages, optimizer=trainer.optimizer,
+                                                  params=trainer.params, max_grad_norm=cfg.train.max_grad_norm,
+                                                  **research_kwargs),
+    }, device, repeats, restore, log)
+    speedup = times[research_key] / times[trainer_key]
+    results["train_step_s"] = {trainer_key: times[trainer_key], research_key: times[research_key], "speedup": speedup}
+    log(f"training phase, best of {repeats}: GRPOTrainer._train_on {times[trainer_key] * 1e3:.1f} ms, "
+        f"research_train_step {times[research_key] * 1e3:.1f} ms: {speedup:.2f}x")
+    # The part of the research step that GRPOTrainer does not run again: it reuses the rollout's
+    # per-prompt conditioning, encoded once at sampling.
+    encode = _time({"encode": lambda: research_prompt_embeds(pipe, rollout.prompts, rollout.guidance_scale > 1.0,
+                                                               research_kwargs["max_sequence_length"])},
+                   device, repeats)["encode"]
+    results["train_step_s"]["research per-image prompt encoding"] = encode
+    log(f"  of which the research step's per-image prompt encoding ({N} prompts and {N} negatives): "
+        f"{encode * 1e3:.1f} ms")
+    return results
