@@ -215,6 +215,9 @@ void* stream_of(const py::kwargs& kw) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flowsteer compiled core: fused SDE step, log-prob, KL and group advantages (CPU and CUDA)";
+  // The binding interface's version: flowsteer/_backend.py refuses an _C whose tag differs (a
+  // stale build left behind by an upgrade). Bump it with every change to the functions' arguments.
+  m.attr("abi_version") = 2;
   m.attr("cuda_chunk") = kCudaChunk;
   m.attr("cpu_isa") = cpu::isa();
 

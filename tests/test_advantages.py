@@ -125,3 +125,50 @@ def test_on_policy_ratio_is_one():
     lp = torch.randn(8)
     loss, stats = grpo_loss(lp, lp.clone(), torch.randn(8))
     assert float(stats.ratio_min) == 1.0 and float(stats.ratio_max) == 1.0 and float(stats.clip_frac) == 0.0
+
+
+def _id_sets():
+    """Group ids of every kind a caller may pass: random, the int64 extremes, and prompt hashes."""
+    g = torch.Generator().manual_seed(5)
+    lo, hi = -2**63, 2**63 - 1
+    hashed = torch.tensor([hash(f"prompt {i % 7}") for i in range(40)], dtype=torch.int64)
+    return {
+        "extremes": torch.tensor([lo, hi] * 5),
+        "extremes-and-zero": torch.tensor([lo, 0, hi, lo, 0, hi, 5, 5]),
+        "near-max": torch.tensor([hi, hi - 1, hi, hi - 1, hi - 2]),
+        "near-min": torch.tensor([lo, lo + 1, lo, lo + 1]),
+        "random-int64": torch.randint(lo, hi, (8,), generator=g).repeat(3),
+        "hashed-prompts": hashed,
+    }
+
+
+@pytest.mark.parametrize("kind", list(_id_sets()))
+def test_any_int64_group_ids(backend, kind):
+    """Ids spanning more than 2**63 - 1 once overflowed the CPU kernel's range arithmetic (a segfault)."""
+    name, device = backend
+    ids = _id_sets()[kind]
+    n = ids.numel()
+    r = torch.rand(n, 2, generator=torch.Generator().manual_seed(n))
+    got = group_advantages(r.to(device), ids.to(device), weights=[1.0, 0.5])
+    want = R.group_advantages(r.double(), ids, weights=[1.0, 0.5])
+    assert_close("advantages", got, want, R.group_advantages(r, ids, weights=[1.0, 0.5]), ulps=32)
+    # the same groups under dense ids give the same advantages
+    dense = torch.unique(ids, return_inverse=True)[1]
+    assert torch.equal(got.cpu(), group_advantages(r.to(device), dense.to(device), weights=[1.0, 0.5]).cpu())
+    mask = pareto_mask(r.to(device), ids.to(device))
+    assert torch.equal(mask.cpu(), pareto_mask(r.to(device), dense.to(device)).cpu())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_rejected(backend, bad):
+    name, device = backend
+    r, ids = _rewards(8, 2, 2)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        group_advantages(r.to(device), ids.to(device), weights=[1.0, bad])
+
+
+def test_an_aggregate_that_overflows_is_rejected(backend):
+    name, device = backend
+    r = torch.full((4, 2), 3e38)
+    with pytest.raises(ValueError, match="weighted sum of the rewards is not finite"):
+        group_advantages(r.to(device), torch.tensor([0, 0, 1, 1]).to(device), weights=[1.0, 1.0])

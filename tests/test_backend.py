@@ -86,3 +86,46 @@ def test_auto_on_cuda_prefers_triton_then_the_cuda_kernels(monkeypatch):
     assert _backend.resolve(cuda) == "cuda"
     monkeypatch.setattr(_backend, "extension", lambda: None)
     assert _backend.resolve(cuda) == "torch"
+
+
+def _fresh_extension(monkeypatch, loader):
+    """_backend.extension() as a new process would see it, with flowsteer._C loaded by `loader`."""
+    from flowsteer import _backend
+
+    monkeypatch.setattr(_backend, "_cache", {})
+    real = _backend.importlib.import_module
+    monkeypatch.setattr(_backend.importlib, "import_module",
+                        lambda name, *a: loader() if name == "flowsteer._C" else real(name, *a))
+    return _backend
+
+
+def test_a_stale_extension_is_refused_with_the_fix(monkeypatch):
+    class Stale:  # an _C left behind by an older flowsteer
+        abi_version = 1
+        has_cuda = False
+
+    _backend = _fresh_extension(monkeypatch, lambda: Stale())
+    assert _backend.extension() is None
+    assert "stale" in _backend._cache["_C_error"] and "reinstall" in _backend._cache["_C_error"]
+    flowsteer.set_backend("cpu")
+    with pytest.raises(RuntimeError, match="stale.*reinstall"):
+        _backend.resolve(torch.device("cpu"))
+
+
+def test_a_loader_error_falls_back_with_one_warning(monkeypatch):
+    def broken():
+        raise OSError("libgomp.so.1: cannot open shared object file")
+
+    _backend = _fresh_extension(monkeypatch, broken)
+    flowsteer.set_backend("auto")
+    with pytest.warns(RuntimeWarning, match="could not be used.*libgomp.*on-policy ratio"):
+        assert _backend.resolve(torch.device("cpu")) == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve(torch.device("cpu")) == "torch"  # once per process
+    assert "libgomp" in _backend.backend_info()["fallback"]
+    flowsteer.set_backend("torch")  # still usable by name
+    v = torch.randn(2, 3)
+    assert flowsteer.ops.sde_step(v, v, 0.5, 0.4, "flow", 0.7, seed=1).log_prob.shape == (2,)

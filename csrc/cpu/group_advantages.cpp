@@ -19,18 +19,21 @@ void build_segments(const int64_t* ids, int64_t n, std::vector<int64_t>& order, 
   if (n == 0) return;
   const auto [lo_it, hi_it] = std::minmax_element(ids, ids + n);
   const int64_t lo = *lo_it, hi = *hi_it;
+  // Distances between ids in unsigned arithmetic: hi - lo overflows int64 for ids spanning more
+  // than 2**63 - 1 (hashed prompts, say), and the unsigned difference is exact for any hi >= lo.
+  const auto dist = [lo](int64_t id) { return uint64_t(id) - uint64_t(lo); };
   // Dense ids (the usual 0..G-1, or prompt indices): counting sort, O(n + range).
-  if (hi - lo <= 4 * n + 1024) {
-    const int64_t range = hi - lo + 1;
+  if (dist(hi) <= uint64_t(4 * n + 1024)) {
+    const int64_t range = int64_t(dist(hi)) + 1;
     std::vector<int64_t> start(size_t(range + 1), 0);
-    for (int64_t i = 0; i < n; ++i) ++start[size_t(ids[i] - lo + 1)];
+    for (int64_t i = 0; i < n; ++i) ++start[size_t(dist(ids[i]) + 1)];
     for (int64_t r = 0; r < range; ++r) {
       if (start[size_t(r + 1)] > 0) offsets.push_back(start[size_t(r)]);
       start[size_t(r + 1)] += start[size_t(r)];
     }
     offsets.push_back(n);
     std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < n; ++i) order[size_t(cursor[size_t(ids[i] - lo)]++)] = i;
+    for (int64_t i = 0; i < n; ++i) order[size_t(cursor[size_t(dist(ids[i]))]++)] = i;
     return;
   }
   std::iota(order.begin(), order.end(), int64_t(0));

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 from typing import Optional
 
@@ -37,16 +38,38 @@ def get_backend() -> str:
     return _check_name(os.environ.get("FLOWSTEER_BACKEND", "auto"), "FLOWSTEER_BACKEND")
 
 
+#: the binding interface this Python code calls; csrc/bindings.cpp sets the same `abi_version`
+C_ABI_VERSION = 2
+
+
 def extension() -> Optional[ModuleType]:
-    """flowsteer._C, or None when the package was installed without its compiled core."""
+    """flowsteer._C, or None when the package was installed without its compiled core, or when the
+    one found cannot be used (a loader error, or a stale build from another version)."""
     if "_C" not in _cache:
         try:
-            _cache["_C"] = importlib.import_module("flowsteer._C")
-            _cache["_C_error"] = None
-        except ImportError as exc:  # a source checkout without a build, or a broken build
+            C = importlib.import_module("flowsteer._C")
+            abi = getattr(C, "abi_version", None)
+            if abi != C_ABI_VERSION:
+                raise ImportError(f"flowsteer._C is stale: it has binding version {abi}, this flowsteer needs "
+                                  f"{C_ABI_VERSION}; reinstall the package (`pip install --force-reinstall .`)")
+            _cache["_C"], _cache["_C_error"] = C, None
+        except Exception as exc:  # ImportError without a build; OSError from a loader; a stale build
             _cache["_C"] = None
-            _cache["_C_error"] = str(exc)
+            _cache["_C_error"] = f"{type(exc).__name__}: {exc}"
     return _cache["_C"]
+
+
+def _warn_fallback() -> None:
+    """Once per process: auto fell back to the pure-torch reference for CPU tensors."""
+    if _cache.get("fallback_warned"):
+        return
+    _cache["fallback_warned"] = True
+    warnings.warn(
+        "flowsteer: the compiled extension flowsteer._C could not be used "
+        f"({_cache.get('_C_error')}); CPU tensors run on the pure-torch reference backend. Its log-probs "
+        "differ from the C++ kernels' in the last bits, so processes that loaded differently do not see an "
+        "on-policy ratio of exactly 1. Reinstall with `pip install .`, or set_backend('torch') to choose it "
+        "knowingly.", RuntimeWarning, stacklevel=3)
 
 
 def triton_module(name: str) -> Optional[ModuleType]:
@@ -81,6 +104,8 @@ def resolve(device: torch.device) -> str:
             return "cuda" if C is not None and C.has_cuda else "torch"
         if device.type == "cpu" and C is not None:
             return "cpu"
+        if device.type == "cpu":
+            _warn_fallback()
         return "torch"
     if name == "cpu":
         if C is None:
@@ -136,8 +161,12 @@ def backend_info() -> dict:
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
     }
+    if C is None and get_backend() == "auto":
+        info["fallback"] = f"CPU tensors run on the torch reference: {_cache.get('_C_error')}"
     try:
-        info["cpu_pick"] = resolve(torch.device("cpu"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            info["cpu_pick"] = resolve(torch.device("cpu"))
     except (RuntimeError, ValueError) as exc:
         info["cpu_pick"] = f"unavailable: {exc}"
     if torch.cuda.is_available():

@@ -117,6 +117,8 @@ def group_advantages(
         w = torch.as_tensor(weights, dtype=torch.float32).to(r.device)
         if w.shape != (k,):
             raise ValueError(f"weights must have one entry per reward column, [K] = [{k}] (got shape {tuple(w.shape)})")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"weights must be finite (got {w.tolist()})")
     if mode == "log_tamed":
         if bool((r <= -1).any()):
             raise ValueError("mode='log_tamed' takes log(1 + r): rewards must be > -1")
@@ -124,6 +126,11 @@ def group_advantages(
     if mode in ("sum", "log_tamed"):
         r = (r * w).sum(dim=1, keepdim=True)
         w = torch.ones(1, dtype=torch.float32, device=r.device)
+        finite = torch.isfinite(r)
+        if not bool(finite.all()):
+            i = int((~finite).nonzero()[0, 0])
+            raise ValueError(f"the weighted sum of the rewards is not finite at sample {i} ({float(r[i, 0])}): the "
+                             "rewards times their weights overflow fp32")
     global_std = r.std(dim=0, unbiased=False)
     post_norm = mode == "per_reward" and batch_norm
     kernel_clip = float(clip) if (clip is not None and not post_norm) else 0.0

@@ -2,6 +2,7 @@
 reward-hacking guards (a regulariser slot and a Pareto filter)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -36,6 +37,14 @@ class RewardOutputs:
     def weighted_sum(self) -> Tensor:
         """sum_k w_k r_k [N]: the scalar reward of mode "sum" before normalisation."""
         return self.rewards @ self.weights.to(self.rewards.device)
+
+
+def check_weighted_finite(names: Sequence[str], rewards: Tensor, weights: Tensor) -> None:
+    """Raise naming the first component whose weighted values overflow fp32 (rewards [N, K], weights [K])."""
+    bad = ~torch.isfinite(rewards * weights.to(rewards.device)).all(dim=0)
+    if bool(bad.any()):
+        name = names[int(bad.nonzero()[0, 0])]
+        raise ValueError(f"reward {name!r} times its weight is not finite (it overflows fp32); check its scale and weight")
 
 
 class MultiReward:
@@ -97,7 +106,7 @@ class MultiReward:
         for key, w in weights.items():
             if key.split("/", 1)[0] not in order:
                 raise ValueError(f"weights names {key!r}, which is no reward or regularizer (have: {', '.join(order)})")
-            if not isinstance(w, (int, float)) or w != w:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ValueError(f"weight {key!r} must be a finite number (got {w!r})")
         self.weights = {k: float(v) for k, v in weights.items()}
         self.mode, self.pareto = mode, bool(pareto)
@@ -154,6 +163,7 @@ class MultiReward:
         idx = active.nonzero().flatten().to(outputs.rewards.device)
         r = outputs.rewards.detach().index_select(1, idx)
         w = outputs.weights[active]
+        check_weighted_finite([outputs.names[int(j)] for j in idx.tolist()], r, w)
         adv = ops.group_advantages(r, group_ids, std=self.std, eps=self.eps, clip=self.clip, mode=self.mode,
                                    weights=w.tolist(), batch_norm=self.batch_norm)
         log = {"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std(unbiased=False))}

@@ -22,6 +22,7 @@ import torch
 from .. import __version__
 from ..ops import grpo_loss
 from ..rewards import MultiReward, Reward, RewardOutputs
+from ..rewards.multi import check_weighted_finite
 from ..sampler import evaluate as evaluate_step
 from ..sampler import sample
 from . import checkpoint as ckpt
@@ -214,6 +215,7 @@ class GRPOTrainer:
             raise ValueError(f"every reward component has weight 0 ({', '.join(outputs.names)}); nothing to optimise")
         idx = active.nonzero().flatten().to(outputs.rewards.device)
         r = outputs.rewards.detach().index_select(1, idx)
+        check_weighted_finite([outputs.names[int(j)] for j in idx.tolist()], r, outputs.weights[active])
         adv = grouped_advantages(r, group_ids.to(r.device), outputs.weights[active].tolist(), self.reward.mode,
                                  self.config)
         if self.reward.pareto:
