@@ -10,6 +10,7 @@ same comparison in one run.
 """
 import pytest
 
+from flowsteer import _backend
 from flowsteer.bench import (bench_trainer, check_research_step_matches, fixed_batch, research_step_settings,
                              research_train_step, trainer_snapshot)
 from flowsteer.testing.pipelines import tiny_sd3_pipeline
@@ -37,7 +38,7 @@ def batch(trainer):
 
 def test_iteration(benchmark, trainer):
     benchmark.group = "train iteration tiny SD3, 2 prompts x 4, 4 steps (3 trained), 16 px"
-    benchmark.extra_info.update(device=str(trainer.device), **SHAPES)
+    benchmark.extra_info.update(device=str(trainer.device), sde_backend=_backend.resolve(trainer.device), **SHAPES)
     rows = []
     benchmark.pedantic(lambda: rows.append(trainer.step()), rounds=3, iterations=1)
     for key in ("rollout", "reward", "train"):
@@ -49,7 +50,8 @@ def test_train_step(benchmark, trainer, batch, impl):
     """The same trained steps, minibatch (the whole batch), advantages, loss and one AdamW step."""
     rollout, advantages, restore = batch
     benchmark.group = "train step tiny SD3, 8 samples, 3 trained steps, 16 px"
-    benchmark.extra_info.update(device=str(trainer.device), impl=impl, **SHAPES)
+    benchmark.extra_info.update(device=str(trainer.device), sde_backend=_backend.resolve(trainer.device), impl=impl,
+                                **SHAPES)
     if impl == "GRPOTrainer._train_on":
         fn = lambda: trainer._train_on(rollout, advantages)  # noqa: E731
     else:
