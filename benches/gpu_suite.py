@@ -5,8 +5,10 @@
 
 On a GPU it ends with rollouts of an SD3.5-Medium-sized transformer (random weights, 512 px, 10
 steps, CFG 4.5, 16 images): the research-style reference loop, flowsteer.sample, and
-flowsteer.sample(compile=True), in images per second; last, branch mode at T/2 against full SDE
-rollouts with G = --branch-group-size (16: 32 images each way, about half a minute on an H100).
+flowsteer.sample(compile=True), in images per second; then branch mode at T/2 against full SDE
+rollouts with G = --branch-group-size (16: 32 images each way, about half a minute on an H100);
+last, GRPOTrainer's iteration split and its training phase against a research-style training step
+(flowsteer.bench.bench_train) on the same transformer, 8 images at 512 px (--skip-train skips it).
 
 Every figure is printed as soon as it is measured. Kernel times are given as a ratio to the
 memory floor (the bytes that must move divided by the copy bandwidth measured on the same device)
@@ -55,6 +57,8 @@ def main() -> int:
     ap.add_argument("--rollout-only", action="store_true", help="only the rollout section (GPU)")
     ap.add_argument("--branch-group-size", type=int, default=16,
                     help="rollouts: G of branch mode at T/2 against full SDE (last in the section; 0 skips it)")
+    ap.add_argument("--skip-train", action="store_true",
+                    help="skip the SD3.5-Medium training-step section (GPU): GRPOTrainer against a research-style step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     global OUT_PATH
@@ -322,6 +326,21 @@ def main() -> int:
                                            width=512, compile=not args.no_compile, compile_reference=True,
                                            branch_group_size=args.branch_group_size, repeats=2,
                                            log=lambda m: log("rollout " + m))
+        del pipe
+
+    # ------------------------------------------------------------------ training step
+    if device.type == "cuda" and not args.skip_train and not args.rollout_only:
+        from flowsteer.bench import bench_train
+        from flowsteer.testing.pipelines import sd35_medium_pipeline
+
+        t0 = time.time()
+        pipe = sd35_medium_pipeline(device, torch.bfloat16)
+        log(f"train: SD3.5-Medium-sized transformer, random weights, bf16 ({time.time() - t0:.0f} s to build); "
+            "512 px, 10 steps (9 trained), CFG 4.5, 2 prompts x 4 = 8 images, LoRA r32, beta 0.04")
+        RESULTS["train"] = bench_train(pipe, prompts=2, group_size=4, num_steps=10, height=512, width=512,
+                                       lora_rank=32, max_sequence_length=256,
+                                       overrides=[f"model.device={device}", "train.mixed_precision=bf16"], repeats=2,
+                                       log=lambda m: log("train " + m))
         del pipe
 
     failed = [c for c in RESULTS["checks"] if not c["ok"]]

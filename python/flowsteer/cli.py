@@ -75,8 +75,8 @@ def _bench(args) -> int:
 
     if args.repeats < 1:
         raise SystemExit(f"flowsteer bench: --repeats must be >= 1 (got {args.repeats})")
-    if args.what != "rollout":
-        raise SystemExit(f"flowsteer bench: unknown benchmark {args.what!r} (known: rollout)")
+    if args.what == "train":
+        return _bench_train(args)
     torch.manual_seed(0)
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -87,6 +87,27 @@ def _bench(args) -> int:
                             height=args.size, width=args.size, compile=args.compile, compile_reference=args.compile,
                             branch_group_size=args.branch_group_size, max_sequence_length=args.max_sequence_length,
                             repeats=args.repeats)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def _bench_train(args) -> int:
+    """Seconds per trainer iteration (rollout, reward, train) on the tiny SD3 pipeline, and the
+    training phase against a research-style training step on the same batch and math."""
+    import torch
+
+    from .bench import bench_train
+    from .testing.pipelines import tiny_sd3_pipeline
+
+    torch.manual_seed(0)
+    pipe = tiny_sd3_pipeline(0).to(args.device)
+    print(f"train benchmark: tiny SD3 transformer with random weights, flow_grpo recipe made small: {args.prompts} "
+          f"prompts x {args.group_size}, {args.steps} steps, {args.size}px, device {args.device}")
+    results = bench_train(pipe, prompts=args.prompts, group_size=args.group_size, num_steps=args.steps,
+                          height=args.size, width=args.size, max_sequence_length=min(args.max_sequence_length, 77),
+                          overrides=[f"model.device={args.device}"], repeats=args.repeats)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -194,8 +215,8 @@ def main(argv=None) -> int:
     serve = sub.add_parser("serve-reward", add_help=False,
                            help="serve a local reward over HTTP (see `flowsteer serve-reward --help`)")
     serve.set_defaults(func=None)
-    bench = sub.add_parser("bench", help="measure throughput: `flowsteer bench rollout`")
-    bench.add_argument("what", choices=["rollout"])
+    bench = sub.add_parser("bench", help="measure throughput: `flowsteer bench rollout` or `flowsteer bench train`")
+    bench.add_argument("what", choices=["rollout", "train"])
     bench.add_argument("--prompts", type=int, default=2)
     bench.add_argument("--group-size", type=int, default=8)
     bench.add_argument("--branch-group-size", type=int, default=24)
