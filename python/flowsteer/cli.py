@@ -114,6 +114,30 @@ def _bench_train(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    import os
+
+    if args.action == "pretrain":
+        from .demo.pretrain import pretrain
+
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "weights",
+                                       "demo_model.safetensors")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        pretrain(out, steps=args.steps, seed=args.seed, eval_every=args.eval_every)
+        print(f"wrote {out}")
+        return 0
+    from .demo.run import run_demo
+
+    out = args.output_dir or os.path.join("runs", f"demo-{args.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        run_demo(out, algorithm=args.algorithm, iterations=args.iterations, seed=args.seed,
+                 eval_samples=args.eval_samples, device=args.device, weights=args.weights)
+    except FileNotFoundError as exc:
+        print(f"flowsteer demo: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _recipes(args) -> int:
     from .train.config import load_config, recipe_names
 
@@ -241,6 +265,21 @@ def main(argv=None) -> int:
                        help="build everything, print the resolved config and batch arithmetic, run one tiny step")
     train.set_defaults(func=_train)
     sub.add_parser("recipes", help="list the shipped training recipes").set_defaults(func=_recipes)
+    demo = sub.add_parser("demo", help="GRPO on the embedded shapes world: held-out strict success before and after")
+    demo.add_argument("action", nargs="?", choices=["run", "pretrain"], default="run",
+                      help="run (default) the demo, or pretrain its base model")
+    demo.add_argument("--algorithm", default="flow_grpo",
+                      choices=["flow_grpo", "dance_grpo", "mix_grpo", "fast", "euphonium"])
+    demo.add_argument("--iterations", type=int, default=40, help="GRPO iterations")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--eval-samples", type=int, default=512, help="held-out samples (fixed noise) before and after")
+    demo.add_argument("--output-dir", default=None, help="default runs/demo-ALGORITHM-TIMESTAMP")
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--weights", default=None, help="a demo model other than the shipped one")
+    demo.add_argument("--steps", type=int, default=3500, help="pretrain: optimizer steps")
+    demo.add_argument("--eval-every", type=int, default=500, help="pretrain: steps between held-out evaluations")
+    demo.add_argument("--out", default=None, help="pretrain: where to write the weights (default: the package's)")
+    demo.set_defaults(func=_demo)
     export = sub.add_parser("export", help="write a run's LoRA (or full weights) for a plain diffusers pipeline")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True, help="the output directory")

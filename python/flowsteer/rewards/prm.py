@@ -156,8 +156,9 @@ class LatentPRM(nn.Module):
         """Regress onto the outcome reward at every stored step (MSE on standardised targets).
 
         Args:
-            latents: [T, N, C, (F,) H, W], a list of T tensors [N, ...], or a rollout-like object with
-                `.latents` and `.sigmas` (then `sigmas` may be None).
+            latents: [T, N, C, (F,) H, W], a list of T tensors [N, ...], a flowsteer Rollout (its
+                trained steps' latents and sigmas), or another object with `.latents` [T, N, ...] and
+                `.sigmas` [T] (then `sigmas` may be None).
             sigmas: [T] (one per stored step) or [T, N] (per sample).
             rewards: [N], the final reward of each trajectory; every step of trajectory n regresses onto it.
             cond: [N, cond_dim] when the PRM is conditional.
@@ -165,7 +166,13 @@ class LatentPRM(nn.Module):
                 The optimiser persists across calls, so repeated calls train online.
         Returns the loss of each step.
         """
-        if hasattr(latents, "latents") and not isinstance(latents, Tensor):
+        if hasattr(latents, "latents") and hasattr(latents, "steps") and not isinstance(latents, Tensor):
+            # a flowsteer Rollout: latents [N, S, ...] at its trained steps, sigmas the T + 1 of the schedule
+            rollout = latents
+            if sigmas is None:
+                sigmas = [rollout.sigmas[i] for i in rollout.steps]
+            latents = rollout.latents.transpose(0, 1)
+        elif hasattr(latents, "latents") and not isinstance(latents, Tensor):
             sigmas = getattr(latents, "sigmas") if sigmas is None else sigmas
             latents = getattr(latents, "latents")
         if isinstance(latents, (list, tuple)):

@@ -135,6 +135,18 @@ class CallableAdapter(ModelAdapter):
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
         return self.fn(x, step_timesteps(timesteps, step, x.shape[0]), inputs["cond"])
 
+    def like(self, model):
+        """A velocity function given to evaluate (a frozen reference, say) runs with this adapter's
+        latent shape, conditioning, schedule and decoder."""
+        if isinstance(model, ModelAdapter):
+            return model
+        if model is self.fn:
+            return self
+        if not callable(model):
+            raise TypeError(f"model must be a velocity function or an adapter (got {type(model).__name__})")
+        return CallableAdapter(model, self.latent_shape, cond=self.user_cond, device=self._device, dtype=self.dtype,
+                               shift=self.shift, decode_fn=self.decode_fn)
+
     @property
     def can_decode(self):
         return self.decode_fn is not None
