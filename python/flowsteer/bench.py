@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -107,12 +107,16 @@ def transformer_floor(pipe, n: int, num_steps: int, height: int, width: int, max
     return run
 
 
-def _time(fns: Dict[str, Callable], device: torch.device, repeats: int) -> Dict[str, float]:
+def _time(fns: Dict[str, Callable], device: torch.device, repeats: int, reset: Optional[Callable] = None,
+          log: Optional[Callable] = None) -> Dict[str, float]:
     """Best seconds per call of each function, timed in turns (round r runs every function once),
     so that a machine's drift over the run falls on all of them alike. One warm-up call each first
-    (compilation included)."""
+    (compilation included). reset: called, untimed, before every call (and once at the end);
+    log: gets each call's seconds as soon as it is measured."""
 
     def once(fn):
+        if reset is not None:
+            reset()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -122,11 +126,16 @@ def _time(fns: Dict[str, Callable], device: torch.device, repeats: int) -> Dict[
         return time.perf_counter() - t0
 
     for fn in fns.values():
-        fn()
+        once(fn)
     best = {key: float("inf") for key in fns}
-    for _ in range(repeats):
+    for r in range(repeats):
         for key, fn in fns.items():
-            best[key] = min(best[key], once(fn))
+            seconds = once(fn)
+            best[key] = min(best[key], seconds)
+            if log is not None:
+                log(f"  round {r + 1}/{repeats}: {key:32s} {seconds * 1e3:9.1f} ms")
+    if reset is not None:
+        reset()
     return best
 
 
@@ -515,33 +524,6 @@ def check_research_step_matches(trainer, rollout, advantages: torch.Tensor) -> D
     return out
 
 
-def _time_in_turns(fns: Dict[str, Callable], device: torch.device, repeats: int, reset: Callable,
-                   log=print) -> Dict[str, float]:
-    """Best seconds per call of each function, timed in turns as _time does, with reset() (not
-    timed) before every call and each call's seconds logged as soon as it is measured."""
-
-    def once(fn):
-        reset()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    for fn in fns.values():
-        once(fn)
-    best = {key: float("inf") for key in fns}
-    for r in range(repeats):
-        for key, fn in fns.items():
-            seconds = once(fn)
-            best[key] = min(best[key], seconds)
-            log(f"  round {r + 1}/{repeats}: {key:32s} {seconds * 1e3:9.1f} ms")
-    reset()
-    return best
-
-
 def bench_train(pipe, *, prompts: int = 2, group_size: int = 4, num_steps: int = 4, height: int = 16,
                 width: int = 16, lora_rank: int = 4, max_sequence_length: int = 16, overrides: Sequence[str] = (),
                 repeats: int = 3, log=print) -> Dict[str, Any]:
@@ -613,7 +595,7 @@ def bench_train(pipe, *, prompts: int = 2, group_size: int = 4, num_steps: int =
         f"gradient {check['grad_rel_err']:.1e} relative ({check['grad_err_over_tol']:.2f})")
     research_kwargs = research_step_settings(trainer, rollout)
     trainer_key, research_key = "GRPOTrainer._train_on", "research_train_step"
-    times = _time_in_turns({
+    times = _time({
         trainer_key: lambda: trainer._train_on(rollout, advantages),
         research_key: lambda: research_train_step(pipe, rollout, advantages, optimizer=trainer.optimizer,
                                                   params=trainer.params, max_grad_norm=cfg.train.max_grad_norm,

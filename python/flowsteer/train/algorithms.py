@@ -59,12 +59,17 @@ class Algorithm:
     summary = ""
     #: the advantages need at least two samples per group
     needs_groups = True
+    #: the window types the algorithm is defined with (None: any)
+    windows: Optional[tuple] = None
 
     def check(self, cfg: Config, reward) -> None:
         if self.needs_groups and cfg.sampling.group_size < 2 and cfg.train.advantages.std == "group":
             raise ConfigError(f"algorithm {cfg.algorithm!r} normalises rewards within each group: sampling.group_size "
                               f"must be >= 2 (got {cfg.sampling.group_size}); or set train.advantages.std to "
                               "'global' or 'none'")
+        if self.windows is not None and cfg.sampling.window.type not in self.windows:
+            raise ConfigError(f"algorithm {cfg.algorithm!r} samples a window of steps: sampling.window.type must be "
+                              f"{' or '.join(repr(w) for w in self.windows)} (got {cfg.sampling.window.type!r})")
 
     def window(self, cfg: Config) -> SDEWindow:
         return make_window(cfg)
@@ -93,12 +98,7 @@ class FlowGRPO(Algorithm):
 class FlowGRPOFast(Algorithm):
     name = "fast"
     summary = "Flow-GRPO-Fast: a random window of SDE steps, the rest ODE"
-
-    def check(self, cfg, reward):
-        super().check(cfg, reward)
-        if cfg.sampling.window.type not in ("random", "branch"):
-            raise ConfigError(f"algorithm 'fast' trains a window of steps: sampling.window.type must be 'random' "
-                              f"or 'branch' (got {cfg.sampling.window.type!r})")
+    windows = ("random", "branch")
 
 
 class DanceGRPO(Algorithm):
@@ -109,12 +109,7 @@ class DanceGRPO(Algorithm):
 class MixGRPO(Algorithm):
     name = "mix_grpo"
     summary = "MixGRPO: SDE inside a progressive window, ODE outside"
-
-    def check(self, cfg, reward):
-        super().check(cfg, reward)
-        if cfg.sampling.window.type != "progressive":
-            raise ConfigError(f"algorithm 'mix_grpo' samples a progressive window: sampling.window.type must be "
-                              f"'progressive' (got {cfg.sampling.window.type!r})")
+    windows = ("progressive",)
 
 
 class PrefGRPO(Algorithm):
