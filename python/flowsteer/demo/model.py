@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..sampler.adapters import ModelAdapter, step_timesteps
+from ..sampler.adapters import ModelAdapter, lora_layers_off, step_timesteps
 from ..sampler.schedule import shifted_sigmas
 from .world import VOCABULARY
 
@@ -196,27 +196,7 @@ class DemoAdapter(ModelAdapter):
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
     def lora_disabled(self):
-        return _lora_off(self.model)
-
-
-def _lora_off(model):
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        layers = [m for m in model.modules() if hasattr(m, "disable_adapters") and hasattr(m, "enable_adapters")]
-        if not layers:
-            raise ValueError("ref_model='base' needs LoRA adapters on the demo model; none were found")
-        was = [bool(m.disable_adapters) for m in layers]
-        for m in layers:
-            m.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for m, off in zip(layers, was):
-                m.enable_adapters(not off)
-
-    return ctx()
+        return lora_layers_off([self.model])
 
 
 def load_demo_model(path: Optional[str] = None, device="cpu") -> DemoFlowModel:

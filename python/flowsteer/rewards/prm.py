@@ -221,6 +221,6 @@ class LatentPRM(nn.Module):
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self._optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
         self.eval()
-        return losses
+        return torch.stack(losses).tolist()  # one host transfer for the whole fit

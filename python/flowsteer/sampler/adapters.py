@@ -135,6 +135,11 @@ class CallableAdapter(ModelAdapter):
     def velocity(self, x, step, timesteps, sigma, inputs, guidance_scale):
         return self.fn(x, step_timesteps(timesteps, step, x.shape[0]), inputs["cond"])
 
+    def lora_disabled(self):
+        if not isinstance(self.fn, torch.nn.Module):
+            return super().lora_disabled()
+        return lora_layers_off([self.fn])
+
     def like(self, model):
         """A velocity function given to evaluate (a frozen reference, say) runs with this adapter's
         latent shape, conditioning, schedule and decoder."""
@@ -155,6 +160,24 @@ class CallableAdapter(ModelAdapter):
         if self.decode_fn is None:
             return super().decode(latents)
         return self.decode_fn(latents)
+
+
+@contextlib.contextmanager
+def lora_layers_off(nets):
+    """peft LoRA layers (`inject_adapter_in_model`) of the modules `nets` switched off for the
+    context, each back as it was afterwards: the LoRA-off reference of a plain nn.Module."""
+    layers = [m for net in nets for m in net.modules()
+              if hasattr(m, "enable_adapters") and hasattr(m, "disable_adapters") and hasattr(m, "lora_A")]
+    if not layers:
+        raise ValueError("ref_model='base' needs LoRA adapters (peft) on the model; none were found")
+    was_off = [bool(m.disable_adapters) for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, off in zip(layers, was_off):
+            m.enable_adapters(not off)
 
 
 class _DiffusersAdaptersOff:

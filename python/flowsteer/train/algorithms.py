@@ -32,23 +32,33 @@ def make_window(cfg: Config) -> SDEWindow:
 def grouped_advantages(rewards: Tensor, group_ids: Tensor, weights, mode: str, cfg: Config) -> Tensor:
     """fp32 [N] advantages of rewards [N, K] under train.advantages (std, ddof, eps, clip).
 
-    ddof 0 is ops.group_advantages as it is. ddof 1 (DanceGRPO's torch.std) divides the centred
-    values by the per-group unbiased std plus eps; a group of one sample or of equal rewards gets 0.
+    ddof 0 is ops.group_advantages as it is. ddof 1 (DanceGRPO's torch.std) is the same recipe with
+    the unbiased std: the reward (the weighted sum for "sum" and "log_tamed"; each reward for
+    "per_reward", weighted after) minus its group mean, divided by the unbiased std of its group
+    ("group") or of the whole batch ("global") plus eps. A group whose rewards are all equal gets 0.
     """
     a = cfg.train.advantages
     if a.ddof == 0 or a.std == "none":
         return group_advantages(rewards, group_ids, std=a.std, eps=a.eps, clip=a.clip, mode=mode, weights=weights)
-    centred = group_advantages(rewards, group_ids, std="none", eps=0.0, clip=None, mode=mode, weights=weights)
+    r = rewards.float().reshape(rewards.shape[0], -1)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=r.device)
+    if mode == "log_tamed":
+        from ..ops.reference import log_tame
+
+        r = log_tame(r)
+    if mode in ("sum", "log_tamed"):
+        r, w = (r * w).sum(dim=1, keepdim=True), torch.ones(1, device=r.device)
+    ids = group_ids.to(r.device).long()
+    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    mean = torch.zeros(counts.numel(), r.shape[1], device=r.device).index_add_(0, inverse, r) / counts[:, None]
+    centred = r - mean[inverse]
     if a.std == "global":
-        n = centred.numel()
-        std = centred.new_full((n,), float(centred.std(unbiased=True)) if n > 1 else 0.0)
+        std = r.std(dim=0, unbiased=True, keepdim=True).nan_to_num(0.0).expand_as(r)
     else:
-        ids = group_ids.long()
-        _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-        sq = torch.zeros(counts.numel(), dtype=torch.float32, device=centred.device).index_add_(0, inverse, centred**2)
-        var = sq / (counts.to(sq.device) - 1).clamp(min=1)
-        std = var.sqrt()[inverse]
-    adv = torch.where(centred == 0, torch.zeros_like(centred), centred / (std + a.eps))
+        sq = torch.zeros_like(mean).index_add_(0, inverse, centred**2)
+        std = (sq / (counts[:, None] - 1).clamp(min=1)).sqrt()[inverse]
+    z = torch.where(centred == 0, torch.zeros_like(centred), centred / (std + a.eps))
+    adv = (z * w).sum(dim=1)
     return adv if a.clip is None else adv.clamp(-a.clip, a.clip)
 
 
@@ -169,11 +179,13 @@ class Euphonium(Algorithm):
         return (adv + p.process_weight * torch.stack(process, dim=1).to(adv.device)).contiguous()
 
     def after_rewards(self, trainer, rollout, scalar_reward):
+        if not rollout.steps:  # nothing stochastic to fit on (a cps step onto sigma = 0 runs as ODE)
+            return {}
         p = trainer.config.prm
         prm = trainer.ensure_prm(rollout)
         lat = rollout.latents.transpose(0, 1)  # [S, N, ...]
         sig = torch.tensor([rollout.sigmas[i] for i in rollout.steps], dtype=torch.float32)
-        gen = torch.Generator().manual_seed(trainer.derived_seed("prm"))
+        gen = torch.Generator().manual_seed(trainer.derived_seed("prm", trainer.iteration))
         losses = prm.fit(lat, sig, scalar_reward.detach().cpu().float(), steps=p.fit_steps, lr=p.fit_lr,
                          batch_size=p.fit_batch_size, generator=gen)
         return {"prm/loss_first": torch.tensor(losses[0]), "prm/loss_last": torch.tensor(losses[-1])}

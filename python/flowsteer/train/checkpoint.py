@@ -75,6 +75,15 @@ def save_checkpoint(ckpt_root: str, step: int, tensors: Dict[str, Tensor], meta:
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step-{step:06d}"
     final = os.path.join(ckpt_root, name)
+    if os.path.isfile(os.path.join(final, "state.json")):
+        # This step is saved already (save() after train(), or a resumed run redoing the step whose
+        # write finished but whose `latest` update did not): a run's state at a step is the same
+        # every time, so the complete copy stays and only `latest` moves to it. Never renaming over
+        # it leaves no moment without it.
+        _point_latest(ckpt_root, name)
+        if keep is not None:
+            prune(ckpt_root, keep)
+        return final
     tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -85,14 +94,18 @@ def save_checkpoint(ckpt_root: str, step: int, tensors: Dict[str, Tensor], meta:
     if write_extra is not None:
         write_extra(tmp)
     _fsync_tree(tmp)
-    if os.path.exists(final):  # a checkpoint of the same step from a run that was resumed before it
-        old = os.path.join(ckpt_root, f".old-{name}-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    if os.path.exists(final):  # a torn directory without state.json: nothing complete to lose
+        shutil.rmtree(final)
+    os.rename(tmp, final)
     _fsync_dir(ckpt_root)
+    _point_latest(ckpt_root, name)
+    if keep is not None:
+        prune(ckpt_root, keep)
+    return final
+
+
+def _point_latest(ckpt_root: str, name: str) -> None:
+    """Replace `latest` atomically: write, fsync, rename, fsync the directory."""
     latest_tmp = os.path.join(ckpt_root, f".latest-{os.getpid()}")
     with open(latest_tmp, "w") as f:
         f.write(name + "\n")
@@ -100,9 +113,6 @@ def save_checkpoint(ckpt_root: str, step: int, tensors: Dict[str, Tensor], meta:
         os.fsync(f.fileno())
     os.replace(latest_tmp, os.path.join(ckpt_root, "latest"))
     _fsync_dir(ckpt_root)
-    if keep is not None:
-        prune(ckpt_root, keep)
-    return final
 
 
 def list_checkpoints(ckpt_root: str) -> List[Tuple[int, str]]:
@@ -125,7 +135,7 @@ def prune(ckpt_root: str, keep: int) -> None:
         if path != current:
             shutil.rmtree(path, ignore_errors=True)
     for n in os.listdir(ckpt_root):
-        if n.startswith((".tmp-", ".old-", ".latest-")):
+        if n.startswith((".tmp-", ".latest-")):
             pid = n.rsplit("-", 1)[-1]
             if pid != str(os.getpid()):
                 p = os.path.join(ckpt_root, n)

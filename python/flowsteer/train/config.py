@@ -481,6 +481,12 @@ def validate(cfg: Config) -> None:
                        ("model.max_sequence_length", cfg.model.max_sequence_length),
                        ("eval.max_prompts", cfg.eval.max_prompts), ("eval.guidance_scale", cfg.eval.guidance_scale)):
         _positive(key, value, allow_none=True)
+    if not 0 <= cfg.eval.seed < 2**62:
+        raise ConfigError(f"eval.seed must be in [0, 2**62) (got {cfg.eval.seed})")
+    if cfg.model.dtype != "float32" and t.mixed_precision == "fp32" and cfg.model.lora is None:
+        raise ConfigError(f"model.dtype {cfg.model.dtype!r} with train.mixed_precision 'fp32': full fine-tuning keeps "
+                          "the trained weights in fp32, so the compute must run under autocast; set "
+                          "train.mixed_precision to 'bf16' or 'fp16' (or model.dtype to 'float32')")
     if not 0.0 < t.timestep_fraction <= 1.0:
         raise ConfigError(f"train.timestep_fraction must be in (0, 1] (got {t.timestep_fraction})")
     if not 0.0 <= t.ema_decay < 1.0:

@@ -91,6 +91,9 @@ class GRPOTrainer:
         self.train_prompts, self.train_meta = load_prompts(cfg.prompts.train, "prompts.train")
         self.eval_prompts, self.eval_meta = (load_prompts(cfg.prompts.eval, "prompts.eval")
                                              if cfg.prompts.eval is not None else (None, None))
+        if cfg.eval.every and self.eval_prompts is None:
+            warnings.warn(f"eval.every = {cfg.eval.every}, but prompts.eval is not set: the run will not evaluate; "
+                          "set prompts.eval (or eval.every = 0 to silence this)", UserWarning, stacklevel=2)
         self.window = self.algorithm.window(cfg)
         self.device = self.adapter.device
         # the trained networks
@@ -103,6 +106,13 @@ class GRPOTrainer:
             net.eval()
         self.named_params = trainable_parameters(self.nets)
         self.params = [p for _, p in self.named_params]
+        # The trained weights are fp32 masters whatever model.dtype is (autocast runs the compute in
+        # bf16 or fp16): an AdamW step of lr 1e-5 on a bf16 weight of magnitude above ~3e-3 rounds
+        # to nothing, and GradScaler cannot unscale fp16 gradients.
+        with torch.no_grad():
+            for p in self.params:
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                            weight_decay=t.weight_decay)
@@ -281,10 +291,11 @@ class GRPOTrainer:
         m.update(train_stats)
         m.update(extra)
         keys = list(m)
-        values = torch.stack([m[k].detach().float().to("cpu") for k in keys]).tolist()  # the one host transfer
+        values = _to_host([m[k] for k in keys])
         row: Dict[str, Any] = {"iteration": self.iteration + 1}
         row.update({k: (v if math.isfinite(v) else None) for k, v in zip(keys, values)})
-        row.update({"optimizer_steps": self.optimizer_steps, "skipped_steps_total": self.skipped_steps, "lr": self._lr(),
+        row.update({"optimizer_steps": self.optimizer_steps, "skipped_steps_total": self.skipped_steps,
+                    "lr": self.optimizer.param_groups[0]["lr"],
                     "prompts_consumed": self.sampler.consumed,
                     "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2, "time/total": t3 - t0,
                     "images_per_s": N / max(t1 - t0, 1e-9)})
@@ -303,7 +314,7 @@ class GRPOTrainer:
         cfg, t = self.config, self.config.train
         N, S = rollout.log_probs.shape
         gen = torch.Generator().manual_seed(self.derived_seed("train", self.iteration))
-        sel = self._trained_steps(S, N, gen)  # [N, K]
+        sel = self._trained_steps(S, N, gen) if S else torch.zeros(N, 0, dtype=torch.long)  # [N, K]
         K = sel.shape[1]
         per_step = adv.ndim == 2
         if t.mask_zero_advantage:
@@ -324,7 +335,7 @@ class GRPOTrainer:
             net.train()
         try:
             for epoch in range(t.inner_epochs):
-                if keep.numel() == 0:
+                if keep.numel() == 0 or K == 0:  # nothing to train on: no optimizer step, no EMA update
                     break
                 order = keep[torch.randperm(keep.numel(), generator=gen)]
                 for mb_i, start in enumerate(range(0, order.numel(), bs)):
@@ -423,7 +434,7 @@ class GRPOTrainer:
                 rows.append(row)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(reward=f"{row['reward/mean']:.4g}", kl=f"{row['approx_kl']:.2g}")
+                    bar.set_postfix(reward=_fmt(row.get("reward/mean"), ".4g"), kl=_fmt(row.get("approx_kl"), ".2g"))
                 every = cfg.checkpoint.every
                 if self.run_dir is not None and ((every and self.iteration % every == 0)
                                                  or self.iteration == cfg.train.iterations):
@@ -595,6 +606,25 @@ class GRPOTrainer:
     def check(self) -> str:
         """The resolved config and the batch arithmetic, as `flowsteer train --check` prints them."""
         return dump_yaml(self.config) + "\n" + describe_batch(self.config)
+
+
+def _to_host(tensors: List[Tensor]) -> List[float]:
+    """0-d tensors as floats, with one transfer per device they live on (the rewards may be on the
+    CPU while the rest is on the GPU)."""
+    out: List[float] = [0.0] * len(tensors)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for device, idx in by_device.items():
+        values = torch.stack([tensors[i].detach().float().reshape(()) for i in idx]).tolist()
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
+
+
+def _fmt(value, spec: str) -> str:
+    """A logged number for the progress bar ("-" where the iteration had none, e.g. every sample masked)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _is_callable_adapter(adapter) -> bool:
