@@ -19,8 +19,9 @@ DEMO_OVERRIDES = [
     "sampling.num_steps=10", "sampling.group_size=8", "sampling.guidance_scale=2.0",
     "sampling.kind=flow", "sampling.noise_level=0.5", "sampling.height=32", "sampling.width=32",
     "sampling.window={type: all}",
-    "train.prompts_per_iteration=8", "train.batch_size=32", "train.inner_epochs=2", "train.lr=1e-4",
-    "train.clip_range=1e-4", "train.beta=0.0", "train.timestep_fraction=1.0", "train.mixed_precision=fp32",
+    "train.prompts_per_iteration=8", "train.batch_size=32", "train.inner_epochs=1", "train.lr=1e-4",
+    "train.clip_range=1e-4", "train.beta=0.0", "train.timestep_fraction=0.5",
+    "train.timestep_order=random_per_sample", "train.mixed_precision=fp32",
     "train.ema=false", "train.max_grad_norm=1.0", "train.advantages={std: group, ddof: 0, eps: 1.0e-4, clip: 5.0}",
     "eval.every=0", "checkpoint.every=0", "checkpoint.keep=1", "logging.tensorboard=false",
 ]
