@@ -150,7 +150,7 @@ def _train(args) -> int:
     import os
 
     from .train import GRPOTrainer, describe_batch, load_config
-    from .train.config import ConfigError, dump_yaml
+    from .train.config import ConfigError
 
     try:
         cfg = load_config(args.config, args.set or [])

@@ -15,13 +15,13 @@ schedules sigmas with a shift, and decodes x0 to pixels.
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..rewards.prm import sigma_embedding
 from ..sampler.adapters import ModelAdapter, lora_layers_off, step_timesteps
 from ..sampler.schedule import shifted_sigmas
 from .world import VOCABULARY
@@ -42,13 +42,6 @@ def tokenize(prompts: Sequence[str], max_tokens: int = MAX_TOKENS) -> Tensor:
         for c, w in enumerate(words):
             out[r, c] = index.get(w, UNK)
     return out
-
-
-def sigma_features(sigma: Tensor, dim: int) -> Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(1000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / (half - 1))
-    angles = 1000.0 * sigma.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
 class TextEncoder(nn.Module):
@@ -138,7 +131,7 @@ class DemoFlowModel(nn.Module):
         if text is None:
             text = self.encode_text(tokens)
         states, pooled, pad = text
-        emb = self.emb(torch.cat([sigma_features(sigma.to(x.device).expand(x.shape[0]), self.emb_dim), pooled], 1))
+        emb = self.emb(torch.cat([sigma_embedding(sigma.to(x.device).expand(x.shape[0]), self.emb_dim), pooled], 1))
         h1 = self.down1(self.stem(x), emb)
         h2 = self.attn2(self.down2(self.pool1(h1), emb), states, pad)
         h3 = self.mid1(self.pool2(h2), emb)

@@ -96,9 +96,6 @@ class Algorithm:
         """Called once the rewards are in (Euphonium fits its PRM here); returns metrics."""
         return {}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {}
-
 
 class FlowGRPO(Algorithm):
     name = "flow_grpo"
@@ -199,6 +196,3 @@ def make_algorithm(name: str) -> Algorithm:
         raise ConfigError(f"unknown algorithm {name!r} (known: {', '.join(ALGORITHM_CLASSES)})")
     return ALGORITHM_CLASSES[name]()
 
-
-def prm_latent_channels(latents: Tensor) -> Optional[int]:
-    return int(latents.shape[1]) if latents.ndim in (4, 5) else None

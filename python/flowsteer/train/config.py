@@ -546,10 +546,15 @@ def stochastic_steps(cfg: Config) -> int:
     return w.size
 
 
+def num_trained(stochastic: int, fraction: float) -> int:
+    """How many of a rollout's `stochastic` steps each sample trains on: int(fraction * S), at least 1
+    (0 when there is none)."""
+    return min(stochastic, max(1, int(fraction * stochastic + 1e-9)))
+
+
 def trained_steps(cfg: Config) -> int:
-    """How many of the stochastic steps each sample trains on: int(fraction * S), at least 1."""
-    S = stochastic_steps(cfg)
-    return max(1, int(cfg.train.timestep_fraction * S + 1e-9))
+    """num_trained for the stochastic steps the config's window gives."""
+    return num_trained(stochastic_steps(cfg), cfg.train.timestep_fraction)
 
 
 def batch_arithmetic(cfg: Config, world_size: int = 1) -> Dict[str, int]:

@@ -27,7 +27,7 @@ from ..sampler import evaluate as evaluate_step
 from ..sampler import sample
 from . import checkpoint as ckpt
 from .algorithms import grouped_advantages, make_algorithm
-from .config import Config, ConfigError, describe_batch, diff_configs, dump_yaml, load_config, trained_steps
+from .config import Config, ConfigError, diff_configs, dump_yaml, load_config, num_trained
 from .data import PromptSampler, load_prompts
 from .images import image_stats, write_grid
 from .models import (EMA, add_lora, load_pipeline, make_adapter, networks_of, reference_model, save_lora,
@@ -200,7 +200,7 @@ class GRPOTrainer:
     # ----------------------------------------------------------------------------- rollout
 
     def _rollout(self, prompts: List[str]):
-        cfg, s = self.config, self.config.sampling
+        s = self.config.sampling
         kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, guidance_scale=s.guidance_scale, kind=s.kind,
                       noise_level=s.noise_level, window=self.window, iteration=self.iteration,
                       seed=self.derived_seed("rollout", self.iteration), same_noise=s.same_noise,
@@ -239,7 +239,7 @@ class GRPOTrainer:
 
     def _trained_steps(self, S: int, N: int, gen: torch.Generator) -> Tensor:
         """[N, K] indices into rollout.steps: the first K in order, or a random permutation per sample."""
-        K = min(S, max(1, int(self.config.train.timestep_fraction * S + 1e-9)))
+        K = num_trained(S, self.config.train.timestep_fraction)
         if self.config.train.timestep_order == "in_order":
             return torch.arange(K).expand(N, K)
         return torch.stack([torch.randperm(S, generator=gen)[:K] for _ in range(N)])
@@ -311,7 +311,7 @@ class GRPOTrainer:
         return row
 
     def _train_on(self, rollout, adv: Tensor) -> Dict[str, Tensor]:
-        cfg, t = self.config, self.config.train
+        t = self.config.train
         N, S = rollout.log_probs.shape
         gen = torch.Generator().manual_seed(self.derived_seed("train", self.iteration))
         sel = self._trained_steps(S, N, gen) if S else torch.zeros(N, 0, dtype=torch.long)  # [N, K]
@@ -602,10 +602,6 @@ class GRPOTrainer:
                 f.write(ckpt_text)
             os.replace(tmp, cfg_path)
         return trainer
-
-    def check(self) -> str:
-        """The resolved config and the batch arithmetic, as `flowsteer train --check` prints them."""
-        return dump_yaml(self.config) + "\n" + describe_batch(self.config)
 
 
 def _to_host(tensors: List[Tensor]) -> List[float]:
