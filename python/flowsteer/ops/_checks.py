@@ -3,11 +3,26 @@ what was received."""
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Iterable, Optional, Union
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The largest noise_level (a) a step accepts. Published settings use a <= 1.2; Flow-GRPO's mean
+# carries a^2 sigma / (1 - sigma), so a much larger a overflows the step's fp32 coefficients
+# (a = 1e30 gives inf and NaN outputs) long before it is a meaningful SDE.
+NOISE_LEVEL_MAX = 10.0
+
+SEED_LIMIT = 2**63
+
+
+def _is_real(value) -> bool:
+    """A Python or numpy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def check_choice(name: str, value, choices: Iterable) -> None:
@@ -41,6 +56,70 @@ def check_tensor(
             raise ValueError(f"{name} must be on the device of {like_name} ({like.device}; got {t.device})")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous()")
+
+
+def check_batch(name: str, t: torch.Tensor, unit: str = "sample", size: str = "B") -> None:
+    """t [B, ...] holds at least one sample (B >= 1) and at least one element per sample. Every op
+    refuses an empty batch with this error, whatever the backend, rather than returning an empty
+    or NaN result."""
+    if t.ndim >= 1 and t.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one {unit}, {size} >= 1 (got shape {tuple(t.shape)})")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must have at least one element per {unit} (got shape {tuple(t.shape)})")
+
+
+def check_seed(name: str, value, limit: int = SEED_LIMIT) -> int:
+    """value as a Python int in [0, limit): a Python int, a numpy integer or a 0-d integer tensor;
+    never a bool (True is not a seed). One check for every seed and offset: sde_step, sample and
+    philox_normal. Every failure, a wrong type included, is a ValueError."""
+    ok = not isinstance(value, (bool, np.bool_))
+    if isinstance(value, torch.Tensor):
+        ok = ok and value.ndim == 0 and value.dtype not in (torch.bool,) and not value.dtype.is_floating_point \
+            and not value.dtype.is_complex
+    elif isinstance(value, np.ndarray):
+        ok = ok and value.ndim == 0 and value.dtype.kind in "iu"
+    try:
+        index = operator.index(value) if ok else -1
+    except TypeError:
+        index = -1
+    if not 0 <= index < limit:
+        bound = "2**63" if limit == SEED_LIMIT else "2**63 - 1" if limit == SEED_LIMIT - 1 else str(limit)
+        raise ValueError(f"{name} must be an int in [0, {bound}) (got {value!r})")
+    return index
+
+
+def check_real(name: str, value, *, min_value: Optional[float] = None, allow_tensor: bool = False) -> None:
+    """A finite real number (not a bool), >= min_value when given. With allow_tensor, a 0-d float
+    tensor too, whose value is checked where values_checkable allows (a CUDA tensor costs one sync)."""
+    bound = "" if min_value is None else f" >= {min_value:g}"
+    if allow_tensor and isinstance(value, torch.Tensor):
+        if value.ndim != 0 or not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a finite float{bound} or a 0-d float tensor "
+                             f"(got {value.dtype} of shape {tuple(value.shape)})")
+        if not values_checkable(value):
+            return
+        number = float(value.detach().cpu())
+    elif _is_real(value):
+        number = float(value)
+    else:
+        raise ValueError(f"{name} must be a finite float{bound} (got {value!r})")
+    if not math.isfinite(number) or (min_value is not None and number < min_value):
+        raise ValueError(f"{name} must be a finite float{bound} (got {value!r})")
+
+
+def check_guidance_scale(value, batch: int) -> None:
+    """guidance_scale: a finite float, or a float tensor of shape () or [B]. A tensor's values are
+    not read: that would be a host sync in every guided step of a rollout (the sampler passes the
+    [B] coefficient guidance_coefficient computed from a checked float, and tests that its step loop
+    never syncs). Same on every backend."""
+    name = "guidance_scale"
+    if isinstance(value, torch.Tensor):
+        if value.shape not in ((), (batch,)) or not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a float or a float tensor of shape () or [B] = [{batch}] "
+                             f"(got {value.dtype} of shape {tuple(value.shape)})")
+        return
+    if not (_is_real(value) and math.isfinite(float(value))):
+        raise ValueError(f"{name} must be a finite float or a float tensor of shape () or [B] = [{batch}] (got {value!r})")
 
 
 def values_checkable(t: torch.Tensor) -> bool:
@@ -97,9 +176,11 @@ def check_sigmas(sigma, sigma_next, batch: int, device: torch.device):
 
 
 def check_kind_and_noise(kind: str, noise_level, kinds: Iterable) -> None:
-    """The step kind and its noise level a: finite, >= 0, and <= 1 for "cps" (a = sin of the angle)."""
+    """The step kind and its noise level a: a finite float in [0, NOISE_LEVEL_MAX] (any kind, "ode"
+    included), and <= 1 for "cps" (a = sin of the angle). Shared by sde_step and sample."""
     check_choice("kind", kind, kinds)
-    if not (isinstance(noise_level, (int, float)) and math.isfinite(noise_level) and noise_level >= 0):
-        raise ValueError(f"noise_level must be a finite float >= 0 (got {noise_level!r})")
+    if not (_is_real(noise_level) and 0 <= float(noise_level) <= NOISE_LEVEL_MAX):  # NaN fails too
+        raise ValueError(f"noise_level must be a finite float >= 0 and <= {NOISE_LEVEL_MAX:g} (got {noise_level!r}); "
+                         f"larger values overflow the step's coefficients")
     if kind == "cps" and noise_level > 1:
         raise ValueError(f"noise_level must be in [0, 1] for kind='cps' (got {noise_level})")

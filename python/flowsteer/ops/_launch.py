@@ -43,6 +43,15 @@ def _empty(*shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+def _require_nonempty(op: str, name: str, t: Tensor) -> None:
+    """A backstop for direct calls of the registered ops (torch.ops.flowsteer.*), which skip the
+    public functions' checks (_checks.check_batch): every backend refuses an empty batch alike,
+    before any kernel sees a null pointer or a zero-sized grid."""
+    if t.ndim == 0 or t.shape[0] == 0 or t.numel() == 0:
+        raise ValueError(f"{op}: {name} must hold at least one sample and one element per sample "
+                         f"(got shape {tuple(t.shape)})")
+
+
 def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -79,6 +88,7 @@ def sde_forward(
     want_mean: bool,
 ):
     """Returns (sample, mean, log_prob, std, kl); absent outputs are empty tensors."""
+    _require_nonempty("sde_step", "x", x)
     B = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     sample = _empty(like=x) if prev_sample is None else x.new_empty(0)
@@ -90,8 +100,6 @@ def sde_forward(
         _torch_forward(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, kind, noise_level,
                        sigma_max, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, sample, mean, log_prob, std, kl)
         return sample, mean, log_prob, std, kl
-    if x.numel() == 0:
-        raise ValueError("sde_step needs at least one element per sample (got x of shape %s)" % (tuple(x.shape),))
     common = dict(kind=kind, lp_form=lp_form, kl_form=kl_form, reduce_mean=reduce_mean, lp_guided=lp_guided,
                   noise_level=float(noise_level), sigma_max=float(sigma_max))
     if backend == "triton":
@@ -175,6 +183,7 @@ def sde_backward(
     want_grad_ref_v: bool,
 ):
     """Returns (grad_v, grad_x, grad_ref_v); one not wanted is an empty tensor."""
+    _require_nonempty("sde_step_backward", "x", x)
     grad_v = _empty(like=v) if want_grad_v else v.new_empty(0)
     grad_x = _empty(like=x) if want_grad_x else x.new_empty(0)
     grad_ref_v = _empty(like=v) if want_grad_ref_v else v.new_empty(0)
@@ -266,6 +275,7 @@ def philox_normal(backend: str, n: int, seed: int, offset: int, device: torch.de
 def group_zscore(backend: str, rewards: Tensor, group_ids: Tensor, weights: Tensor, global_std: Tensor,
                  std_mode: int, eps: float, clip: float) -> Tensor:
     """sum_k w_k z_g(r_k), clipped (clip <= 0: no clip). rewards fp32 [N, K], group_ids int64 [N]."""
+    _require_nonempty("group_advantages", "rewards", rewards)
     n, k = rewards.shape
     out = _empty(n, like=rewards, dtype=torch.float32)
     if backend == "torch":
@@ -306,6 +316,7 @@ def _segments(group_ids: Tensor):
 
 def win_rate(backend: str, prefs: Tensor) -> Tensor:
     """prefs fp32 [M, G, G] -> fp32 [M, G]."""
+    _require_nonempty("win_rate", "prefs", prefs)
     m, g, _ = prefs.shape
     out = _empty(m, g, like=prefs, dtype=torch.float32)
     if backend == "torch":
@@ -343,6 +354,7 @@ def _torch_pareto(rewards: Tensor, group_ids: Tensor) -> Tensor:
 
 def pareto_mask(backend: str, rewards: Tensor, group_ids: Tensor) -> Tensor:
     """rewards fp32 [N, K], group_ids int64 [N] -> uint8 [N] (1: not dominated within its group)."""
+    _require_nonempty("pareto_mask", "rewards", rewards)
     n, k = rewards.shape
     out = torch.full((n,), 255, dtype=torch.uint8, device=rewards.device) if POISON_OUTPUTS else \
         torch.empty(n, dtype=torch.uint8, device=rewards.device)

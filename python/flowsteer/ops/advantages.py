@@ -7,7 +7,7 @@ import torch
 
 from .. import _backend
 from . import _launch, reference
-from ._checks import check_choice, check_tensor
+from ._checks import check_batch, check_choice, check_tensor
 from ._launch import STD_MODE
 
 Tensor = torch.Tensor
@@ -61,8 +61,7 @@ def _check_rewards(rewards: Tensor, group_ids: Tensor) -> Tensor:
     check_tensor("rewards", rewards, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), contiguous=False)
     if rewards.ndim not in (1, 2):
         raise ValueError(f"rewards must be [N] or [N, K] (got shape {tuple(rewards.shape)})")
-    if rewards.shape[0] == 0:
-        raise ValueError("rewards must hold at least one sample (got N = 0)")
+    check_batch("rewards", rewards, size="N")  # N >= 1 and K >= 1
     if not isinstance(group_ids, Tensor) or group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
         raise TypeError(f"group_ids must be an integer tensor (got {getattr(group_ids, 'dtype', type(group_ids).__name__)})")
     if group_ids.shape != (rewards.shape[0],):
@@ -90,7 +89,7 @@ def group_advantages(
     """Group-relative advantages A [N] fp32, in one segmented pass over the groups.
 
     Args:
-        rewards: [N] or [N, K] (K reward models); must be finite.
+        rewards: [N] or [N, K] (K reward models), N >= 1 and K >= 1; must be finite.
         group_ids: [N] integers; samples with equal ids (usually one prompt) form a group.
         std: "group" (per-group std, ddof 0), "global" (std over all N) or "none".
         eps: added to the std. clip: |A| <= clip (None: no clip).
@@ -144,7 +143,7 @@ def group_advantages(
 
 
 def win_rate(prefs: Tensor) -> Tensor:
-    """Pref-GRPO rewards [M, G] (or [G]) from pairwise outcomes prefs [M, G, G] (or [G, G]).
+    """Pref-GRPO rewards [M, G] (or [G]) from pairwise outcomes prefs [M, G, G] (or [G, G]), M >= 1, G >= 2.
 
     prefs[m, i, j] is the judge's verdict on sample i against j of group m: 1 win, 0 loss, 0.5 tie;
     NaN (an unparseable answer) counts as a tie. r_i is the mean over j != i; the diagonal is ignored.
@@ -152,6 +151,7 @@ def win_rate(prefs: Tensor) -> Tensor:
     check_tensor("prefs", prefs, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16), contiguous=False)
     if prefs.ndim not in (2, 3) or prefs.shape[-1] != prefs.shape[-2] or prefs.shape[-1] < 2:
         raise ValueError(f"prefs must be [G, G] or [M, G, G] with G >= 2 (got shape {tuple(prefs.shape)})")
+    check_batch("prefs", prefs, unit="group", size="M")
     p = prefs.float()
     known = p[~torch.isnan(p)]
     if known.numel() and bool(((known < 0) | (known > 1)).any()):

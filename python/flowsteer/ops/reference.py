@@ -2,7 +2,7 @@
 
 This file is the specification. Tests compare every backend with it in fp64, benchmarks use it as
 the eager and torch.compile baselines, and `flowsteer.set_backend("torch")` runs it. It is written
-to be read, not to be fast: every formula is spelled out as in ../shared/DESIGN.md.
+to be read, not to be fast: every formula is spelled out as in docs/ops.md (the math conventions).
 
 Notation: sigmas run from 1 (noise) to 0 (data), x_sigma = (1 - sigma) x0 + sigma eps, the model
 predicts v = eps - x0, one step goes sigma -> sigma_next < sigma with delta = sigma - sigma_next.

@@ -8,7 +8,8 @@ import torch
 
 from .. import _backend
 from . import _launch
-from ._checks import check_choice, check_kind_and_noise, check_sigmas, check_tensor
+from ._checks import (SEED_LIMIT, check_batch, check_choice, check_guidance_scale, check_kind_and_noise, check_seed,
+                      check_sigmas, check_tensor)
 from ._launch import KIND_CODE, KL_FORM, LP_FORM
 
 Tensor = torch.Tensor
@@ -169,9 +170,6 @@ class SDEStepOutput(NamedTuple):
     kl: Optional[Tensor]
 
 
-_SEED_LIMIT = 2**63
-
-
 def sde_step(
     v: Tensor,
     x: Tensor,
@@ -199,18 +197,21 @@ def sde_step(
     """One step sigma -> sigma_next of a flow-matching sampler, with the log-prob of its sample.
 
     Args:
-        v: [B, C, H, W], [B, C, F, H, W] or any [B, ...] velocity; fp32, bf16 or fp16.
+        v: [B, C, H, W], [B, C, F, H, W] or any [B, ...] velocity; fp32, bf16 or fp16. B >= 1 and at
+            least one element per sample (an empty batch is a ValueError on every backend).
         x: latents x_sigma, same shape, dtype and device as v.
         sigma, sigma_next: floats or [B] tensors, 0 < sigma <= 1 and 0 <= sigma_next < sigma.
         kind: "ode" (Euler), "flow" (Flow-GRPO), "dance" (DanceGRPO) or "cps" (coefficient-preserving).
-        noise_level: a in the design's table (Flow-GRPO's noise_level, DanceGRPO's eta).
+        noise_level: a in the design's table (Flow-GRPO's noise_level, DanceGRPO's eta): a finite
+            float in [0, 10] ([0, 1] for "cps"); larger values overflow the step's coefficients.
         noise: [B, ...] standard normals for the sample; without it the kernel draws Philox4x32-10
             normals from (seed, offset): element i of the flattened batch uses counter i // 4.
-            seed defaults to one drawn from torch's default CPU generator.
+            seed and offset: ints in [0, 2**63) (Python or numpy integers or 0-d integer tensors; not
+            bools). seed defaults to one drawn from torch's default CPU generator.
         prev_sample: [B, ...] evaluate mode: nothing is drawn; log_prob is that of prev_sample.
         sigma_max: Flow-GRPO's sigma~ at sigma == 1 (its sigmas[1], in [0, 1)); required by "flow" there.
         guidance: [B, ...] reward gradient G (Euphonium); the sampling mean moves by c * G_hat with
-            c = guidance_scale (a float or a [B] tensor; times delta when scale_by_dt) and G_hat = G,
+            c = guidance_scale (a finite float or a [B] tensor; times delta when scale_by_dt) and G_hat = G,
             or G over its per-sample ("sample") or whole-batch ("batch") L2 norm plus 1e-8
             (`guidance_coefficient` computes c).
         logprob_mean: "unguided" (default: distils the guidance) or "guided".
@@ -232,6 +233,7 @@ def sde_step(
     check_choice("guidance_norm", guidance_norm, ("none", "sample", "batch"))
     check_choice("kl", kl, ("flow_grpo", "exact"))
     check_tensor("v", v, min_ndim=2)
+    check_batch("v", v)
     check_tensor("x", x, like=v, like_name="v")
     for name, t in (("noise", noise), ("prev_sample", prev_sample), ("guidance", guidance), ("ref_v", ref_v)):
         if t is not None:
@@ -247,12 +249,12 @@ def sde_step(
         raise ValueError(f"prev_sample (evaluate mode) needs a stochastic step; kind={kind!r} with noise_level={noise_level} has no log-prob")
     if sigma_max is not None and not (0.0 <= float(sigma_max) < 1.0):  # 0: a one-step schedule's sigmas[1]
         raise ValueError(f"sigma_max must be in [0, 1) (got {sigma_max})")
-    if seed is not None and not (isinstance(seed, int) and 0 <= seed < _SEED_LIMIT):
-        raise ValueError(f"seed must be an int in [0, 2**63) (got {seed!r})")
-    if not (isinstance(offset, int) and 0 <= offset < _SEED_LIMIT):
-        raise ValueError(f"offset must be an int in [0, 2**63) (got {offset!r})")
+    if seed is not None:
+        seed = check_seed("seed", seed)
+    offset = check_seed("offset", offset)
 
     B = x.shape[0]
+    check_guidance_scale(guidance_scale, B)
     sig, sig_next, sigma_at_one = check_sigmas(sigma, sigma_next, B, x.device)
     if kind == "flow" and stochastic and sigma_at_one and sigma_max is None:
         raise ValueError("kind='flow' at sigma == 1 needs sigma_max (Flow-GRPO passes sigmas[1])")
@@ -263,7 +265,7 @@ def sde_step(
         guidance = guidance.detach()
 
     if prev_sample is None and stochastic and noise is None and seed is None:
-        seed = int(torch.randint(0, _SEED_LIMIT - 1, (1,), dtype=torch.int64).item())
+        seed = int(torch.randint(0, SEED_LIMIT - 1, (1,), dtype=torch.int64).item())
     options = [KIND_CODE[kind], int(seed or 0), int(offset), LP_FORM[cps_logprob], KL_FORM[kl] if ref_v is not None else 0,
                int(reduce == "mean"), int(logprob_mean == "guided"), int(stochastic), int(return_mean)]
     scalars = [float(noise_level), float(sigma_max) if sigma_max is not None else 0.0]
@@ -289,11 +291,9 @@ def sde_step(
 
 def _guidance_coef(guidance: Tensor, sig: Tensor, sig_next: Tensor, guidance_scale, guidance_norm: str,
                    scale_by_dt: bool) -> Tensor:
+    """c [B] fp32; guidance_scale was checked by check_guidance_scale."""
     B = guidance.shape[0]
     if torch.is_tensor(guidance_scale):
-        if guidance_scale.shape not in ((), (B,)) or not guidance_scale.dtype.is_floating_point:
-            raise ValueError(f"guidance_scale must be a float or a float tensor [B] = [{B}] "
-                             f"(got {guidance_scale.dtype} of shape {tuple(guidance_scale.shape)})")
         c = guidance_scale.detach().to(device=guidance.device, dtype=torch.float32).expand(B)
     else:
         c = torch.full((B,), float(guidance_scale), dtype=torch.float32, device=guidance.device)
@@ -315,6 +315,8 @@ def guidance_coefficient(guidance: Tensor, sigma, sigma_next, guidance_scale=1.0
     re-evaluating a minibatch rebuilds the mean the whole batch was sampled with)."""
     check_choice("guidance_norm", guidance_norm, ("none", "sample", "batch"))
     check_tensor("guidance", guidance, min_ndim=2)
+    check_batch("guidance", guidance)
+    check_guidance_scale(guidance_scale, guidance.shape[0])
     sig, sig_next, _ = check_sigmas(sigma, sigma_next, guidance.shape[0], guidance.device)
     return _guidance_coef(guidance, sig, sig_next, guidance_scale, guidance_norm, scale_by_dt)
 
@@ -345,6 +347,7 @@ def sde_kl(mean: Tensor, ref_mean: Tensor, std: Union[float, Tensor], reduce: st
     sample are at hand, sde_step(..., ref_v=...) computes the same term fused with the log-prob.
     """
     check_tensor("mean", mean, min_ndim=1, dtypes=None)
+    check_batch("mean", mean)
     check_tensor("ref_mean", ref_mean, like=mean, like_name="mean", contiguous=False)
     check_choice("reduce", reduce, ("mean", "sum"))
     from .reference import sde_kl as _ref
@@ -353,11 +356,10 @@ def sde_kl(mean: Tensor, ref_mean: Tensor, std: Union[float, Tensor], reduce: st
 
 
 def philox_normal(shape, seed: int, offset: int = 0, device: Union[str, torch.device] = "cpu") -> Tensor:
-    """The fp32 standard normals sde_step draws in-kernel for a batch of this shape and (seed, offset)."""
-    if not (isinstance(seed, int) and 0 <= seed < _SEED_LIMIT):
-        raise ValueError(f"seed must be an int in [0, 2**63) (got {seed!r})")
-    if not (isinstance(offset, int) and 0 <= offset < _SEED_LIMIT):
-        raise ValueError(f"offset must be an int in [0, 2**63) (got {offset!r})")
+    """The fp32 standard normals sde_step draws in-kernel for a batch of this shape and (seed, offset).
+    Not a batched op: a shape with no elements gives an empty tensor, as torch.randn does."""
+    seed = check_seed("seed", seed)
+    offset = check_seed("offset", offset)
     shape = tuple(shape) if not isinstance(shape, int) else (shape,)
     device = torch.device(device)
     n = math.prod(shape)

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
 from ..ops import guidance_coefficient, sde_step
-from ..ops._checks import check_choice, check_kind_and_noise
+from ..ops._checks import SEED_LIMIT, check_choice, check_kind_and_noise, check_seed
 from ..ops._launch import KIND_CODE, LP_FORM
 from .adapters import ModelAdapter, as_adapter
 from .windows import SDEWindow, as_window
@@ -174,13 +173,9 @@ def sample(
     check_choice("reward_guidance_norm", reward_guidance_norm, ("none", "sample", "batch"))
     check_choice("logprob_mean", logprob_mean, ("unguided", "guided"))
     check_choice("cps_logprob", cps_logprob, LP_FORM)
-    try:
-        seed_int = -1 if isinstance(seed, bool) else operator.index(seed)  # numpy integers too
-    except TypeError:
-        seed_int = -1
-    if not 0 <= seed_int < 2**63 - 1:
-        raise ValueError(f"seed must be an int in [0, 2**63 - 1) (got {seed!r})")
-    seed = seed_int
+    # The same check as sde_step's seed (numpy integers and 0-d integer tensors too, never a bool);
+    # one below sde_step's bound, since the window draw uses seed + 1.
+    seed = check_seed("seed", seed, limit=SEED_LIMIT - 1)
     adapter = as_adapter(model, latent_shape=latent_shape, cond=cond, shift=shift, compile=compile,
                          negative_prompt=negative_prompt)
     if decode and not adapter.can_decode:
