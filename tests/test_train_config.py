@@ -160,6 +160,7 @@ def test_unknown_section_in_override():
     ("sampling.window.type=branch", r"sampling\.window\.at must be in \[0, num_steps\) = \[0, 10\) \(got None\)"),
     ("sampling.kind=ode", r"sampling\.kind 'ode'.*no stochastic step"),
     ("sampling.noise_level=0", r"noise_level 0 leaves no stochastic step"),
+    ("sampling.noise_level=11", r"sampling\.noise_level must be at most 10 \(got 11"),
     ("train=3", r"train must be a mapping \(got 3\)"),
 ])
 def test_bad_value_names_key_and_allowed(override, pattern):

@@ -1,6 +1,6 @@
 """Pre-training of the demo model by plain flow matching on the world's train split.
 
-    flowsteer demo pretrain --steps 4000 --out demo_model.safetensors
+    flowsteer demo pretrain --steps 3000 --out demo_model.safetensors
 
 Deterministic for a seed (one process, the same torch build and thread count): every batch is
 rendered from a generator seeded by (seed, step), sigma ~ sigmoid(N(0, 1)) (SD3's logit-normal),

@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
+from ..ops._checks import NOISE_LEVEL_MAX
+
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 
@@ -497,6 +499,8 @@ def validate(cfg: Config) -> None:
     if not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be in [0, 1) (got {list(t.adam_betas)})")
     _positive("train.adam_eps", t.adam_eps)
+    if s.noise_level > NOISE_LEVEL_MAX:
+        raise ConfigError(f"sampling.noise_level must be at most {NOISE_LEVEL_MAX:g} (got {s.noise_level})")
     if s.kind == "cps" and s.noise_level > 1:
         raise ConfigError(f"sampling.noise_level must be in [0, 1] for kind 'cps' (got {s.noise_level})")
     if s.kind == "ode" or s.noise_level == 0:

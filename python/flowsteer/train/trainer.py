@@ -15,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -418,8 +418,10 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------- train loop
 
-    def train(self) -> List[Dict[str, Any]]:
-        """Run to config.train.iterations, checkpointing every checkpoint.every and at the end."""
+    def train(self, on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+        """Run to config.train.iterations, checkpointing every checkpoint.every and at the end.
+        on_step(row), if given, runs after each iteration (and its checkpoint), for example a
+        held-out evaluation."""
         cfg = self.config
         rows = []
         bar = None
@@ -439,6 +441,8 @@ class GRPOTrainer:
                 if self.run_dir is not None and ((every and self.iteration % every == 0)
                                                  or self.iteration == cfg.train.iterations):
                     self.save()
+                if on_step is not None:
+                    on_step(row)
         finally:
             if bar is not None:
                 bar.close()
