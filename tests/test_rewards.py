@@ -161,7 +161,7 @@ def test_differentiable_reward_keeps_graph_and_others_do_not():
 # ---------------------------------------------------------------------------------- MultiReward
 
 # Two rewards over two groups of two; every expected value below is worked by hand from
-# DESIGN.md's formulas (eps = 1e-4 in the group std, ddof 0, clip 5 never reached).
+# the formulas of docs/ops.md (Group advantages) (eps = 1e-4 in the group std, ddof 0, clip 5 never reached).
 A = [1.0, 2.0, 3.0, 4.0]
 B = [0.0, 1.0, 1.0, 0.0]
 GROUPS = torch.tensor([0, 0, 1, 1])

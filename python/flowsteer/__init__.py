@@ -2,12 +2,53 @@
 
 The fused ops live in `flowsteer.ops`, the rollout sampler is `flowsteer.sample`, rewards are in
 `flowsteer.rewards`; `flowsteer.backend_info()` says which kernels were found.
+
+The names below are imported on first use, so that importing the package (and `flowsteer --help`)
+does not load torch.
 """
-from ._backend import backend_info, get_backend, set_backend
-from . import ops, rewards
-from .sampler import Rollout, evaluate, sample
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from ._optional import silence_harmless_warnings
 
 __version__ = "0.1.0"
 
 __all__ = ["Rollout", "backend_info", "evaluate", "get_backend", "ops", "rewards", "sample", "set_backend",
            "__version__"]
+
+# name -> (module, attribute or None for the module itself)
+_LAZY = {
+    "backend_info": ("._backend", "backend_info"),
+    "get_backend": ("._backend", "get_backend"),
+    "set_backend": ("._backend", "set_backend"),
+    "ops": (".ops", None),
+    "rewards": (".rewards", None),
+    "Rollout": (".sampler", "Rollout"),
+    "evaluate": (".sampler", "evaluate"),
+    "sample": (".sampler", "sample"),
+}
+
+silence_harmless_warnings()
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import ops, rewards
+    from ._backend import backend_info, get_backend, set_backend
+    from .sampler import Rollout, evaluate, sample
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'flowsteer' has no attribute {name!r}") from None
+    value = importlib.import_module(module, __name__)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

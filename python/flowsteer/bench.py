@@ -108,13 +108,16 @@ def transformer_floor(pipe, n: int, num_steps: int, height: int, width: int, max
 
 
 def _time(fns: Dict[str, Callable], device: torch.device, repeats: int, reset: Optional[Callable] = None,
-          log: Optional[Callable] = None) -> Dict[str, float]:
+          log: Optional[Callable] = None, progress=None) -> Dict[str, float]:
     """Best seconds per call of each function, timed in turns (round r runs every function once),
     so that a machine's drift over the run falls on all of them alike. One warm-up call each first
     (compilation included). reset: called, untimed, before every call (and once at the end);
-    log: gets each call's seconds as soon as it is measured."""
+    log: gets each call's seconds as soon as it is measured; progress: a tqdm bar, told before each
+    call what it runs and advanced after it."""
 
-    def once(fn):
+    def once(fn, key=None, r=0):
+        if progress is not None:
+            progress.set_description_str(f"{key} ({'warm-up' if r == 0 else f'round {r}/{repeats}'})")
         if reset is not None:
             reset()
         if device.type == "cuda":
@@ -123,14 +126,17 @@ def _time(fns: Dict[str, Callable], device: torch.device, repeats: int, reset: O
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if progress is not None:
+            progress.update(1)
+        return seconds
 
-    for fn in fns.values():
-        once(fn)
+    for key, fn in fns.items():
+        once(fn, key)
     best = {key: float("inf") for key in fns}
     for r in range(repeats):
         for key, fn in fns.items():
-            seconds = once(fn)
+            seconds = once(fn, key, r + 1)
             best[key] = min(best[key], seconds)
             if log is not None:
                 log(f"  round {r + 1}/{repeats}: {key:32s} {seconds * 1e3:9.1f} ms")
@@ -143,14 +149,40 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
                   height: int = 32, width: int = 32, kind: str = "flow", noise_level: float = 0.7,
                   compile: bool = False, compile_reference: bool = False, branch_group_size: int = 24,
                   repeats: int = 3, max_sequence_length: int = 256,
-                  log=print) -> Dict[str, float]:
+                  log=print, progress: bool = False) -> Dict[str, float]:
     """Images per second of the reference loop, flowsteer.sample (and with compile=True), and branch
     mode at k = T/2 against full SDE rollouts with the same number of trained steps per image.
 
     The transformer-only floor (`transformer_floor`) is timed with them; compile_reference (with
     compile) adds the reference loop and the floor with a compiled transformer. Each group of
-    functions is timed in turns, `repeats` rounds, best of each.
+    functions is timed in turns, `repeats` rounds, best of each. progress: show a tqdm bar (on
+    stderr) of the timed calls, each named as it runs (`flowsteer bench rollout` does).
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1 (got {repeats})")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        calls = 3 + (1 + int(compile_reference) if compile else 0) + (2 if compile and compile_reference else 0) \
+            + (2 if branch_group_size > 0 else 0)
+        bar = tqdm(total=calls * (repeats + 1), unit="call", dynamic_ncols=True, leave=False)
+        print_line = log
+
+        def log(line):  # noqa: F811 - the bar steps aside for each result line
+            with tqdm.external_write_mode():
+                print_line(line)
+
+    try:
+        return _bench_rollout(pipe, prompts, group_size, num_steps, guidance_scale, height, width, kind, noise_level,
+                              compile, compile_reference, branch_group_size, repeats, max_sequence_length, log, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _bench_rollout(pipe, prompts, group_size, num_steps, guidance_scale, height, width, kind, noise_level, compile,
+                   compile_reference, branch_group_size, repeats, max_sequence_length, log, bar) -> Dict[str, float]:
     device = pipe._execution_device
     model = SD3Adapter(pipe, max_sequence_length=max_sequence_length)
     texts = [f"prompt number {i}" for i in range(prompts)]
@@ -171,7 +203,7 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
         "reference_loop": lambda: reference_rollout(pipe, texts, group_size, num_steps, guidance_scale, kind,
                                                     noise_level, 0, height, width, max_sequence_length),
         "flowsteer.sample": lambda: sample(model, texts, group_size=group_size, decode=False, **common),
-    }, device, repeats), n)
+    }, device, repeats, progress=bar), n)
     results["speedup"] = results["flowsteer.sample"] / results["reference_loop"]
     floor = results[floor_key]
     log(f"flowsteer.sample vs reference loop: {results['speedup']:.2f}x; time over the floor: flowsteer.sample "
@@ -184,7 +216,7 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
         if compile_reference:
             group["compiled transformer forwards only (floor)"] = transformer_floor(
                 pipe, n, num_steps, height, width, max_sequence_length, model_compiled.transformer)
-        report(_time(group, device, repeats), n)
+        report(_time(group, device, repeats, progress=bar), n)
         results["compile_speedup"] = results[key] / results["reference_loop"]
         log(f"flowsteer.sample(compile=True) vs reference loop: {results['compile_speedup']:.2f}x")
     if compile and compile_reference:
@@ -197,7 +229,7 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
                 pipe, texts, group_size, num_steps, guidance_scale, kind, noise_level, 0, height, width,
                 max_sequence_length, transformer=reference_compiled),
             key + " again": sample_compiled,
-        }, device, repeats)
+        }, device, repeats, progress=bar)
         report(times, n)
         results["compile_vs_compiled_reference"] = \
             results[key + " again"] / results["reference_loop(compiled transformer)"]
@@ -217,7 +249,7 @@ def bench_rollout(pipe, *, prompts: int = 2, group_size: int = 8, num_steps: int
                                  **common),
         branch_key: lambda: sample(model, texts, group_size=branch_group_size, decode=False, window=Branch(half),
                                    **common),
-    }, device, repeats), prompts * branch_group_size)
+    }, device, repeats, progress=bar), prompts * branch_group_size)
     results["branch_speedup"] = results[branch_key] / results[full_key]
     log(f"branch vs full SDE rollouts: {results['branch_speedup']:.2f}x")
     return results

@@ -6,11 +6,48 @@ import json
 import sys
 import time
 
+from . import __version__
+from ._optional import MissingDependency, require
+
+# Parsing the command line imports nothing heavy (`flowsteer --help` does not load torch): every
+# command imports what it needs when it runs.
+
+# The sizes `flowsteer bench` runs at. "quick" is the default on the CPU and finishes in about a
+# minute on two cores (each of rollout and train); "full" (--full, and the default on CUDA) is the
+# size BENCHMARKS.md reports, about 10 minutes each on two CPU cores.
+# An option given on the command line overrides its entry.
+BENCH_SIZES = {
+    "rollout": {
+        "quick": dict(prompts=2, group_size=4, branch_group_size=8, steps=6, size=16, max_sequence_length=32,
+                      repeats=3),
+        "full": dict(prompts=2, group_size=8, branch_group_size=24, steps=10, size=32, max_sequence_length=256,
+                     repeats=5),
+    },
+    "train": {
+        "quick": dict(prompts=2, group_size=4, steps=6, size=16, max_sequence_length=32, repeats=3),
+        "full": dict(prompts=2, group_size=8, steps=10, size=32, max_sequence_length=77, repeats=5),
+    },
+}
+_FULL_HINT = {"quick": "; --full for the size BENCHMARKS.md reports", "full": ""}
+
 
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _bench_settings(args) -> str:
+    """Fill the bench options left unset from BENCH_SIZES; returns the size's name."""
+    if args.device is None:
+        args.device = "cuda" if _cuda() else "cpu"
+    size = "full" if args.full or str(args.device).startswith("cuda") else "quick"
+    for key, value in BENCH_SIZES[args.what][size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.branch_group_size is None:
+        args.branch_group_size = 0
+    return size
 
 
 def _info(args) -> int:
@@ -68,32 +105,39 @@ def _example(args) -> int:
 
 
 def _bench(args) -> int:
+    for module in ("diffusers", "transformers"):
+        require(module, "diffusers", f"flowsteer bench {args.what} (it times a tiny random-weight diffusers SD3 "
+                                     "pipeline)")
+    size = _bench_settings(args)
+    if args.repeats < 1:
+        raise SystemExit(f"flowsteer bench: --repeats must be >= 1 (got {args.repeats})")
+    if args.what == "train":
+        return _bench_train(args, size)
     import torch
 
     from .bench import bench_rollout
     from .testing.pipelines import tiny_sd3_pipeline
 
-    if args.repeats < 1:
-        raise SystemExit(f"flowsteer bench: --repeats must be >= 1 (got {args.repeats})")
-    if args.what == "train":
-        return _bench_train(args)
     torch.manual_seed(0)
-    if args.device == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = tiny_sd3_pipeline(0).to(args.device)
-    print(f"rollout benchmark: tiny SD3 transformer with random weights, {args.prompts} prompts x {args.group_size}, "
-          f"{args.steps} steps, {args.size}px, {args.max_sequence_length} T5 tokens, CFG 4.5, device {args.device}")
+    print(f"rollout benchmark, {size} size{_FULL_HINT[size]}: tiny SD3 transformer with random weights, "
+          f"{args.prompts} prompts x {args.group_size}, {args.steps} steps, {args.size}px, "
+          f"{args.max_sequence_length} T5 tokens, CFG 4.5, device {args.device}, best of {args.repeats} rounds; "
+          "measuring the transformer-only floor, a research-style loop and flowsteer.sample"
+          + (", compiled" if args.compile else "")
+          + (f", then branch mode against full SDE rollouts at group size {args.branch_group_size}"
+             if args.branch_group_size > 0 else ""), flush=True)
     results = bench_rollout(pipe, prompts=args.prompts, group_size=args.group_size, num_steps=args.steps,
                             height=args.size, width=args.size, compile=args.compile, compile_reference=args.compile,
                             branch_group_size=args.branch_group_size, max_sequence_length=args.max_sequence_length,
-                            repeats=args.repeats)
+                            repeats=args.repeats, progress=not args.no_progress)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     return 0
 
 
-def _bench_train(args) -> int:
+def _bench_train(args, size: str = "full") -> int:
     """Seconds per trainer iteration (rollout, reward, train) on the tiny SD3 pipeline, and the
     training phase against a research-style training step on the same batch and math."""
     import torch
@@ -103,8 +147,9 @@ def _bench_train(args) -> int:
 
     torch.manual_seed(0)
     pipe = tiny_sd3_pipeline(0).to(args.device)
-    print(f"train benchmark: tiny SD3 transformer with random weights, flow_grpo recipe made small: {args.prompts} "
-          f"prompts x {args.group_size}, {args.steps} steps, {args.size}px, device {args.device}")
+    print(f"train benchmark, {size} size{_FULL_HINT[size]}: tiny SD3 transformer with random weights, flow_grpo "
+          f"recipe made small: {args.prompts} prompts x {args.group_size}, {args.steps} steps, {args.size}px, "
+          f"{min(args.max_sequence_length, 77)} T5 tokens, device {args.device}, best of {args.repeats}", flush=True)
     results = bench_train(pipe, prompts=args.prompts, group_size=args.group_size, num_steps=args.steps,
                           height=args.size, width=args.size, max_sequence_length=min(args.max_sequence_length, 77),
                           overrides=[f"model.device={args.device}"], repeats=args.repeats)
@@ -123,15 +168,28 @@ def _demo(args) -> int:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "weights",
                                        "demo_model.safetensors")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        pretrain(out, steps=args.steps, seed=args.seed, eval_every=args.eval_every)
+        pretrain(out, steps=args.steps, seed=args.seed, eval_every=args.eval_every or 500)
         print(f"wrote {out}")
         return 0
-    from .demo.run import run_demo
+    from .demo.run import ALGORITHMS, compare, run_demo
 
-    out = args.output_dir or os.path.join("runs", f"demo-{args.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime('%Y%m%d-%H%M%S')
     try:
-        run_demo(out, algorithm=args.algorithm, iterations=args.iterations, seed=args.seed,
-                 eval_samples=args.eval_samples, device=args.device, weights=args.weights)
+        if args.compare:
+            algorithms = ALGORITHMS if args.algorithms is None else [a.strip() for a in args.algorithms.split(",")]
+            seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [0, 1, 2]
+            compare(args.output_dir or os.path.join("runs", f"demo-compare-{stamp}"), algorithms=algorithms,
+                    seeds=seeds, iterations=args.iterations, eval_every=args.eval_every or 5,
+                    curve_samples=args.curve_samples, eval_samples=args.eval_samples, device=args.device,
+                    weights=args.weights)
+        else:
+            run_demo(args.output_dir or os.path.join("runs", f"demo-{args.algorithm}-{stamp}"),
+                     algorithm=args.algorithm, iterations=args.iterations, seed=args.seed,
+                     eval_samples=args.eval_samples, device=args.device, weights=args.weights,
+                     eval_every=args.eval_every or 0, curve_samples=args.curve_samples)
+    except ValueError as exc:
+        print(f"flowsteer demo: {exc}", file=sys.stderr)
+        return 2
     except FileNotFoundError as exc:
         print(f"flowsteer demo: {exc}", file=sys.stderr)
         return 2
@@ -149,6 +207,8 @@ def _recipes(args) -> int:
 def _train(args) -> int:
     import os
 
+    for module in ("diffusers", "transformers"):
+        require(module, "diffusers", "flowsteer train (it loads model.path as a diffusers pipeline)")
     from .train import GRPOTrainer, describe_batch, load_config
     from .train.config import ConfigError
 
@@ -222,6 +282,7 @@ def _export(args) -> int:
 
 
 def _plot(args) -> int:
+    require("matplotlib", "plot", "flowsteer plot")
     from .train.plot import plot_run
 
     for path in plot_run(args.run_dir, args.out):
@@ -229,8 +290,10 @@ def _plot(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `flowsteer` command line (building it imports nothing heavy)."""
     parser = argparse.ArgumentParser(prog="flowsteer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"flowsteer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print what backends and kernels were found").set_defaults(func=_info)
     ex = sub.add_parser("example", help="run the quick example: an SDE sampling loop with log-probs")
@@ -239,21 +302,47 @@ def main(argv=None) -> int:
     serve = sub.add_parser("serve-reward", add_help=False,
                            help="serve a local reward over HTTP (see `flowsteer serve-reward --help`)")
     serve.set_defaults(func=None)
-    bench = sub.add_parser("bench", help="measure throughput: `flowsteer bench rollout` or `flowsteer bench train`")
-    bench.add_argument("what", choices=["rollout", "train"])
-    bench.add_argument("--prompts", type=int, default=2)
-    bench.add_argument("--group-size", type=int, default=8)
-    bench.add_argument("--branch-group-size", type=int, default=24)
-    bench.add_argument("--steps", type=int, default=10)
-    bench.add_argument("--size", type=int, default=32, help="image height and width in pixels")
-    bench.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens (SD3's default 256)")
-    bench.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    bench = sub.add_parser(
+        "bench", help="measure throughput: `flowsteer bench rollout` or `flowsteer bench train`",
+        description="Time flowsteer on a tiny random-weight SD3 pipeline (needs the diffusers extra). On the CPU "
+                    "the defaults are a quick size that finishes in about a minute on two cores; --full (the "
+                    "default on CUDA) runs the size BENCHMARKS.md reports. Each option below overrides its size.")
+
+    def sizes(key: str, what: str = "rollout") -> str:
+        quick, full = BENCH_SIZES[what]["quick"][key], BENCH_SIZES[what]["full"][key]
+        return f"default {quick}" if quick == full else f"default {quick}, {full} with --full or on CUDA"
+
+    bench.add_argument("what", choices=["rollout", "train"],
+                       help="rollout: images per second of flowsteer.sample against a research-style sampling loop "
+                            "and the transformer-only floor, and branch mode against full SDE rollouts; train: "
+                            "seconds per GRPOTrainer iteration, and its training phase against a research-style "
+                            "training step")
+    bench.add_argument("--full", action="store_true",
+                       help="the size BENCHMARKS.md reports (about 10 minutes on two CPU cores) instead of the quick "
+                            "CPU default")
+    bench.add_argument("--prompts", type=int, default=None,
+                       help=f"distinct prompts per batch ({sizes('prompts')})")
+    bench.add_argument("--group-size", type=int, default=None,
+                       help=f"samples per prompt ({sizes('group_size')})")
+    bench.add_argument("--branch-group-size", type=int, default=None,
+                       help=f"rollout: group size of the branch-mode comparison, 0 to skip it "
+                            f"({sizes('branch_group_size')})")
+    bench.add_argument("--steps", type=int, default=None,
+                       help=f"sampling steps ({sizes('steps')})")
+    bench.add_argument("--size", type=int, default=None,
+                       help=f"image height and width in pixels ({sizes('size')})")
+    bench.add_argument("--max-sequence-length", type=int, default=None,
+                       help=f"T5 tokens per prompt, SD3's own default 256 (rollout: {sizes('max_sequence_length')}; "
+                            f"train: {sizes('max_sequence_length', 'train')}, at most 77)")
+    bench.add_argument("--device", default=None, help="where to run (default cuda when available, else cpu)")
     bench.add_argument("--compile", action="store_true",
-                       help="also time flowsteer.sample(compile=True), and the reference loop with the same compiled "
-                            "transformer")
-    bench.add_argument("--repeats", type=int, default=5,
-                       help="timed rounds (each runs every loop once, in turn); the best of each is reported")
-    bench.add_argument("--out", default=None, help="write the results as JSON here")
+                       help="rollout: also time flowsteer.sample(compile=True), and the reference loop with the same "
+                            "compiled transformer")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help=f"timed rounds (each runs every loop once, in turn, after one warm-up call each); the best "
+                            f"of each is reported ({sizes('repeats')})")
+    bench.add_argument("--no-progress", action="store_true", help="rollout: no progress bar (it goes to stderr)")
+    bench.add_argument("--out", default=None, help="write the results as JSON to this file")
     bench.set_defaults(func=_bench)
     train = sub.add_parser("train", help="post-train a model: flowsteer train RECIPE_OR_YAML [--set KEY=VALUE ...]")
     train.add_argument("config", help="a shipped recipe (flowsteer recipes) or a YAML file")
@@ -276,8 +365,17 @@ def main(argv=None) -> int:
     demo.add_argument("--output-dir", default=None, help="default runs/demo-ALGORITHM-TIMESTAMP")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--weights", default=None, help="a demo model other than the shipped one")
-    demo.add_argument("--steps", type=int, default=3500, help="pretrain: optimizer steps")
-    demo.add_argument("--eval-every", type=int, default=500, help="pretrain: steps between held-out evaluations")
+    demo.add_argument("--compare", action="store_true",
+                      help="run every algorithm (or --algorithms) for each of --seeds with the same budget; "
+                           "writes compare.md, compare.json and compare.png")
+    demo.add_argument("--algorithms", default=None, help="--compare: comma-separated subset (default all five)")
+    demo.add_argument("--seeds", default=None, help="--compare: comma-separated seeds (default 0,1,2)")
+    demo.add_argument("--curve-samples", type=int, default=128,
+                      help="held-out samples of each evaluation during training (--eval-every)")
+    demo.add_argument("--steps", type=int, default=3000, help="pretrain: optimizer steps")
+    demo.add_argument("--eval-every", type=int, default=None,
+                      help="run: iterations between held-out evaluations (default none; 5 with --compare); "
+                           "pretrain: steps between them (default 500)")
     demo.add_argument("--out", default=None, help="pretrain: where to write the weights (default: the package's)")
     demo.set_defaults(func=_demo)
     export = sub.add_parser("export", help="write a run's LoRA (or full weights) for a plain diffusers pipeline")
@@ -289,13 +387,22 @@ def main(argv=None) -> int:
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="the output directory (default RUN_DIR/plots)")
     plot.set_defaults(func=_plot)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve-reward"]:
         from .rewards.remote import serve_main
 
         return serve_main(argv[1:])
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingDependency as exc:  # an optional dependency is missing: say which extra, no traceback
+        print(f"flowsteer {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

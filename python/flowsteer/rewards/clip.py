@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._optional import require
 from .base import Reward, fold_frames, frame_mean
 from .preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 
@@ -39,16 +40,18 @@ def _clip_dir(path, who: str, arg: str, example: str) -> str:
     return path
 
 
-def _load_clip_model(path: str, device, dtype):
-    from transformers import CLIPModel
+def _transformers(what: str):
+    return require("transformers", "rewards", f"{what} (it loads a transformers CLIP model)")
 
+
+def _load_clip_model(path: str, device, dtype, who: str = "the CLIP-family rewards"):
+    CLIPModel = _transformers(who).CLIPModel
     model = CLIPModel.from_pretrained(path, local_files_only=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def _load_tokenizer(path: str, who: str):
-    from transformers import AutoTokenizer
-
+    AutoTokenizer = _transformers(who).AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -76,7 +79,7 @@ class _CLIPReward(Reward):
         self.dtype = dtype
         self.batch_size = batch_size
         self.differentiable = bool(differentiable)
-        self.model = _load_clip_model(path, self.device, dtype)
+        self.model = _load_clip_model(path, self.device, dtype, who)
         if processor_path is not None:
             processor_path = require_path(processor_path, who, "the image processor directory",
                                           f"{who}(processor_path=DIR) with DIR holding preprocessor_config.json")
@@ -230,12 +233,8 @@ class AestheticScore(_CLIPReward):
 
 
 def import_open_clip():
-    try:
-        import open_clip
-    except ImportError as exc:
-        raise ImportError(f"HPSv2Score needs open_clip: pip install open_clip_torch (it also needs torchvision "
-                          f"built for your torch) ({exc})") from None
-    return open_clip
+    return require("open_clip", None, "HPSv2Score",
+                   hint="open_clip also needs a torchvision built for your torch")
 
 
 class HPSv2Score(Reward):

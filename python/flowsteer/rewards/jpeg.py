@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .._optional import require
 from .base import Reward, fold_frames, frame_mean, to_uint8_hwc
 
 Tensor = torch.Tensor
@@ -18,7 +19,7 @@ Tensor = torch.Tensor
 
 def jpeg_size_kb(images: Tensor, quality: int = 95) -> Tensor:
     """images [n, 3, H, W] in [0, 1] -> JPEG sizes in KB [n], fp32 on the CPU."""
-    from PIL import Image
+    Image = require("PIL.Image", "rewards", "the JPEG (in)compressibility reward (it encodes JPEGs with Pillow)")
 
     sizes = []
     for arr in to_uint8_hwc(images):

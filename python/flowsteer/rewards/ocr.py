@@ -19,7 +19,7 @@ from .base import Reward, fold_frames, frame_mean, to_uint8_hwc
 
 ENGINES = ("tesseract", "paddleocr", "easyocr")
 _INSTALL = {
-    "tesseract": "pip install pytesseract, plus the tesseract binary (apt-get install tesseract-ocr)",
+    "tesseract": "pip install pytesseract Pillow, plus the tesseract binary (apt-get install tesseract-ocr)",
     "paddleocr": "pip install paddleocr paddlepaddle",
     "easyocr": "pip install easyocr",
 }

@@ -50,6 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._optional import require
 from .base import INPUTS, FunctionReward, Reward, check_meta, check_prompts, check_reward_input, to_uint8_hwc
 
 Tensor = torch.Tensor
@@ -119,9 +120,15 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _png(arr: np.ndarray) -> str:
-    from PIL import Image
+def _pil_image(what: str):
+    """PIL.Image, or an ImportError that names the extra and the way around it (encoding='uint8')."""
+    return require("PIL.Image", "rewards", what,
+                   hint="or send raw pixels with RemoteReward(..., encoding='uint8'), which needs no Pillow on either "
+                        "side (larger requests than PNG)")
 
+
+def _png(arr: np.ndarray) -> str:
+    Image = _pil_image("RemoteReward(encoding='png') (it encodes images as PNG with Pillow)")
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return _b64(buf.getvalue())
@@ -188,8 +195,7 @@ def _raw(field: Dict[str, Any], shape: List[int], dtype: str, what: str) -> np.n
 
 def _open_png(s, what: str):
     """A lazily opened PNG (its header read, nothing decoded)."""
-    from PIL import Image
-
+    Image = _pil_image("this reward server, to decode the PNG images of a request")
     if not isinstance(s, str):
         raise ValueError(f"{what} must be a base64 PNG string (got {type(s).__name__})")
     raw = base64.b64decode(s, validate=True)
@@ -598,7 +604,8 @@ class RemoteReward(Reward):
             reading the answer (a server that drips bytes does not stretch it).
         retries: further attempts after a connection failure, a timeout, a connection closed
             without an answer, or HTTP 429/502/503/504, with waits of backoff * 2**k seconds.
-        encoding: "png" (smaller) or "uint8" (no codec).
+        encoding: "png" (smaller; needs Pillow, `pip install 'flowsteer[rewards]'`) or "uint8" (no
+            codec: raw pixels, which need nothing beyond the standard library and numpy).
         token / token_env: a bearer token, or the environment variable that holds it, for a server
             started with --token-file or --token-env.
         max_response_bytes: the largest answer read (default 16 MiB).
@@ -617,6 +624,8 @@ class RemoteReward(Reward):
             raise ValueError(f"input must be one of {INPUTS} (got {input!r})")
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {ENCODINGS} (got {encoding!r})")
+        if input == "pixels" and encoding == "png":  # fail here, not after the first rollout
+            _pil_image("RemoteReward(encoding='png') (it encodes images as PNG with Pillow)")
         _check_client_numbers(timeout, retries, backoff, max_response_bytes)
         self.url, self.name, self.input = url, name, input
         self.batch_size, self.timeout, self.retries, self.backoff = batch_size, float(timeout), retries, float(backoff)
