@@ -103,3 +103,13 @@ def test_run_demo_rejects_bad_arguments(tmp_path):
         run_demo(str(tmp_path), algorithm="ppo")
     with pytest.raises(ValueError, match="eval_samples must be an int >= 1"):
         run_demo(str(tmp_path), eval_samples=0)
+
+
+def test_demo_without_peft_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ImportError, match=r"flowsteer demo .*needs peft.*flowsteer\[demo\]"):
+        run_demo(str(tmp_path / "demo"), iterations=1, eval_samples=4, log=lambda m: None)

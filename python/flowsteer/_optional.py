@@ -9,6 +9,7 @@ comes with the extras of pyproject.toml's [project.optional-dependencies]:
 | `rewards` | transformers, Pillow | the CLIP-family rewards (transformers); JPEG rewards and PNG transport (Pillow) |
 | `lora` | peft | LoRA: `model.lora`, diffusers' `add_adapter` |
 | `plot` | matplotlib | `flowsteer plot` |
+| `demo` | peft, matplotlib | `flowsteer demo` (its default recipe trains LoRA; its figures) |
 | `triton` | triton | the Triton kernels |
 
 This module imports nothing heavy: `flowsteer --help` loads it without torch.

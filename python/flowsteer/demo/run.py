@@ -120,6 +120,11 @@ def run_demo(output_dir: str, algorithm: str = "flow_grpo", iterations: int = 40
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low} (got {value!r})")
     curve_samples = min(curve_samples, eval_samples)
+    cfg_check = demo_config(algorithm, iterations, seed, extra)
+    if cfg_check.model.lora is not None:
+        from .._optional import require
+
+        require("peft", "demo", "flowsteer demo (its default recipe trains LoRA on the model's conditioning path)")
     t_start = time.time()
     os.makedirs(output_dir, exist_ok=True)
     model = load_demo_model(weights, device)
