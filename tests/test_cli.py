@@ -194,3 +194,20 @@ def test_torchvision_fallback_warning_is_filtered_and_nothing_else():
     assert not _optional._FILTER.filter(record(quiet.replace("CLIP", "Siglip")))
     assert _optional._FILTER.filter(record(quiet.replace("CLIP", "Vit")))  # not one flowsteer knows to be harmless
     assert _optional._FILTER.filter(record("some other warning"))
+
+
+def test_chat_judge_images_without_pillow_name_the_extra(monkeypatch):
+    from flowsteer.rewards.chat import image_data_url
+
+    _block(monkeypatch, "PIL", "PIL.Image")
+    with pytest.raises(ImportError, match=r"ChatJudge .*needs Pillow \(PIL\), which is not installed: "
+                                          r"pip install 'flowsteer\[rewards\]'"):
+        image_data_url(torch.rand(3, 8, 8))
+
+
+def test_testing_pipelines_without_diffusers_name_the_extra(monkeypatch):
+    monkeypatch.delitem(sys.modules, "flowsteer.testing.pipelines", raising=False)
+    _block(monkeypatch, "diffusers")
+    with pytest.raises(ImportError, match=r"flowsteer\.testing\.pipelines .*needs diffusers, which is not installed: "
+                                          r"pip install 'flowsteer\[diffusers\]'"):
+        import flowsteer.testing.pipelines  # noqa: F401

@@ -194,7 +194,9 @@ def _json_object(reply: str) -> Dict[str, Any]:
 
 def image_data_url(image: Tensor, image_format: str = "png") -> str:
     """image: [3, H, W] in [0, 1] -> "data:image/png;base64,..." (uint8, rounded as everywhere here)."""
-    from PIL import Image
+    from .._optional import require
+
+    Image = require("PIL.Image", "rewards", "ChatJudge / ChatPairwiseJudge (images sent as PNG or JPEG data URLs)")
 
     arr = to_uint8_hwc(image[None].float())[0]
     buf = io.BytesIO()

@@ -25,7 +25,10 @@ def euler_scheduler(scheduler):
     use_flow_sigmas, as Wan's checkpoints ship them), the Euler scheduler with the same
     num_train_timesteps and flow_shift. flowsteer's steps are Euler(-Maruyama) steps; a multistep
     solver's own sigmas also start at 1 - 1e-6 rather than 1, where Flow-GRPO's std needs sigma_max."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from .._optional import require
+
+    FlowMatchEulerDiscreteScheduler = require("diffusers", "diffusers",
+                                              "sampling a diffusers pipeline").FlowMatchEulerDiscreteScheduler
 
     if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
         return copy.deepcopy(scheduler)

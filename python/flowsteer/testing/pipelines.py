@@ -31,7 +31,13 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from diffusers import (
+
+from .._optional import require
+
+for _module in ("diffusers", "transformers", "tokenizers"):
+    require(_module, "diffusers", "flowsteer.testing.pipelines (tiny random-weight diffusers pipelines)")
+
+from diffusers import (  # noqa: E402
     AutoencoderKL,
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
@@ -42,9 +48,9 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import Unigram
-from transformers import (
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors  # noqa: E402
+from tokenizers.models import Unigram  # noqa: E402
+from transformers import (  # noqa: E402
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
