@@ -90,8 +90,9 @@ def test_compare_writes_a_table_curves_and_a_plot(tmp_path):
     assert [r["algorithm"] for r in result["table"]] == ["flow_grpo", "fast"]
     run = result["runs"]["fast"][1]
     assert run["seed"] == 1 and [it for it, _ in run["heldout_curve"]] == [0, 1, 2]
-    # the curve's end points are the full evaluations' first curve_samples samples: one fixed noise
     assert all(0.0 <= v <= 1.0 for _, v in run["heldout_curve"])
+    # flow_grpo and fast start from the same base and the same held-out noise: the same first point
+    assert result["runs"]["flow_grpo"][0]["heldout_curve"][0] == run["heldout_curve"][0]
     table = open(os.path.join(out, "compare.md")).read()
     assert "| flow_grpo |" in table and "| fast |" in table
 

@@ -120,15 +120,16 @@ def run_demo(output_dir: str, algorithm: str = "flow_grpo", iterations: int = 40
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low} (got {value!r})")
     curve_samples = min(curve_samples, eval_samples)
-    cfg_check = demo_config(algorithm, iterations, seed, extra)
-    if cfg_check.model.lora is not None:
+    train_set, heldout = prompt_sets(0)
+    cfg = demo_config(algorithm, iterations, seed, [f"prompts.train={json.dumps(train_set.prompts)}",
+                                                    f"model.device={device}", *extra])
+    if cfg.model.lora is not None:
         from .._optional import require
 
         require("peft", "demo", "flowsteer demo (its default recipe trains LoRA on the model's conditioning path)")
     t_start = time.time()
     os.makedirs(output_dir, exist_ok=True)
     model = load_demo_model(weights, device)
-    train_set, heldout = prompt_sets(0)
     ev_prompts = [heldout.prompts[i % len(heldout.prompts)] for i in range(eval_samples)]
     ev_meta = [heldout.meta[i % len(heldout.prompts)] for i in range(eval_samples)]
     log(f"demo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter flow model, {len(train_set.prompts)} "
@@ -137,8 +138,6 @@ def run_demo(output_dir: str, algorithm: str = "flow_grpo", iterations: int = 40
     log(f"held-out strict success before: {float(before.mean()):.3f}  ({_fmt(before_cat)})")
     _grid(os.path.join(output_dir, "samples_before.png"), before_images[:32], ev_prompts[:32], before[:32])
 
-    cfg = demo_config(algorithm, iterations, seed, [f"prompts.train={json.dumps(train_set.prompts)}",
-                                                    f"model.device={device}", *extra])
     run_dir = os.path.join(output_dir, "run")
     trainer = GRPOTrainer(DemoAdapter(model), reward if reward is not None else GenEvalLikeReward(), cfg,
                           run_dir=run_dir)
