@@ -15,7 +15,7 @@ from ._optional import silence_harmless_warnings
 
 __version__ = "0.1.0"
 
-__all__ = ["Rollout", "backend_info", "evaluate", "get_backend", "ops", "rewards", "sample", "set_backend",
+__all__ = ["NoiseKeys", "Rollout", "backend_info", "evaluate", "get_backend", "ops", "rewards", "sample", "set_backend",
            "__version__"]
 
 # name -> (module, attribute or None for the module itself)
@@ -25,6 +25,7 @@ _LAZY = {
     "set_backend": ("._backend", "set_backend"),
     "ops": (".ops", None),
     "rewards": (".rewards", None),
+    "NoiseKeys": (".sampler", "NoiseKeys"),
     "Rollout": (".sampler", "Rollout"),
     "evaluate": (".sampler", "evaluate"),
     "sample": (".sampler", "sample"),
@@ -35,7 +36,7 @@ silence_harmless_warnings()
 if TYPE_CHECKING:  # pragma: no cover
     from . import ops, rewards
     from ._backend import backend_info, get_backend, set_backend
-    from .sampler import Rollout, evaluate, sample
+    from .sampler import NoiseKeys, Rollout, evaluate, sample
 
 
 def __getattr__(name: str):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -205,8 +206,34 @@ def _recipes(args) -> int:
 
 
 def _train(args) -> int:
-    import os
+    from .train.distributed import env_world_size
 
+    if env_world_size() > 1:
+        # torchrun: an exception in any process is written to torchrun's error file (the job ends
+        # with the failing rank's traceback), not only to that process's stderr
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_train_run)(args)
+    return _train_run(args)
+
+
+def _join_job(cfg):
+    """Under torchrun: this process's device (one GPU per process) and the process group, so that
+    rank 0's choices (the run directory's name) reach every process."""
+    import torch
+
+    from .train.distributed import Dist
+
+    device = torch.device("cpu")
+    if torch.cuda.is_available() and cfg.model.device in (None, "cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif cfg.model.device is not None:
+        device = torch.device(cfg.model.device)
+    return Dist.from_env(cfg.distributed.timeout_s, device)
+
+
+def _train_run(args) -> int:
     for module in ("diffusers", "transformers"):
         require(module, "diffusers", "flowsteer train (it loads model.path as a diffusers pipeline)")
     from .train import GRPOTrainer, describe_batch, load_config
@@ -219,6 +246,12 @@ def _train(args) -> int:
         return 2
     if args.check:
         return _train_check(cfg)
+    d = _join_job(cfg)
+
+    def say(text):
+        if d.main:
+            print(text)
+
     out = args.output_dir
     if args.resume:
         if out is None:
@@ -229,20 +262,25 @@ def _train(args) -> int:
         except (ConfigError, FileNotFoundError) as exc:
             print(f"flowsteer train: {exc}", file=sys.stderr)
             return 2
-        print(f"resuming {out} at iteration {trainer.iteration} of {cfg.train.iterations}")
+        say(f"resuming {out} at iteration {trainer.iteration} of {cfg.train.iterations}")
     else:
         if out is None:
             name = os.path.splitext(os.path.basename(args.config))[0]
-            out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            out = d.broadcast_object(os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"))
         try:
             trainer = GRPOTrainer(None, None, cfg, run_dir=out)
         except (ConfigError, FileExistsError) as exc:
             print(f"flowsteer train: {exc}", file=sys.stderr)
             return 2
-        print(f"run directory: {out}")
-    print(describe_batch(cfg))
+        say(f"run directory: {out}")
+    say(describe_batch(cfg, d.world))
     trainer.train()
-    print(f"done: {trainer.iteration} iterations; metrics in {os.path.join(out, 'metrics.jsonl')}")
+    say(f"done: {trainer.iteration} iterations on {d.world} process(es); metrics in "
+        f"{os.path.join(out, 'metrics.jsonl')}")
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

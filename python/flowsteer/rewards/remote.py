@@ -72,7 +72,13 @@ DRAIN_SECONDS = 2.0
 
 
 class RemoteRewardError(RuntimeError):
-    """A remote reward failed: unreachable, timed out, or answered with an error or garbage."""
+    """A remote reward failed: unreachable, timed out, or answered with an error or garbage.
+    transient: True when another try later may succeed (a timeout, an unavailable, unreachable
+    or closing server), False for an answer that will not change (an HTTP error, garbage)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -553,13 +559,15 @@ def request(url: str, body: Optional[bytes], headers: Dict[str, str], *, where: 
         raise RemoteRewardError(f"{where} answered HTTP {reply.status}{auth}: {detail[:2000]}")
     if last.kind == "timeout":
         raise RemoteRewardError(f"{where} timed out: no complete answer within timeout={timeout:g} s on any of "
-                                f"{attempts} attempts; raise timeout= or lower batch_size=")
+                                f"{attempts} attempts; raise timeout= or lower batch_size=", transient=True)
     if last.kind == "status":
-        raise RemoteRewardError(f"{where} is unavailable: still {last.detail} after {attempts} attempts")
+        raise RemoteRewardError(f"{where} is unavailable: still {last.detail} after {attempts} attempts",
+                                transient=True)
     if last.kind == "closed":
         raise RemoteRewardError(f"{where} closed the connection without a complete answer on {attempts} attempts "
-                                f"({last.detail}); the server's log says why (a crash, a restart, a refused request)")
-    raise RemoteRewardError(f"{where} is unreachable after {attempts} attempts ({last.detail}){hint}")
+                                f"({last.detail}); the server's log says why (a crash, a restart, a refused request)",
+                                transient=True)
+    raise RemoteRewardError(f"{where} is unreachable after {attempts} attempts ({last.detail}){hint}", transient=True)
 
 
 def bearer_headers(token: Optional[str], token_env: Optional[str], what: str) -> Dict[str, str]:

@@ -57,6 +57,72 @@ class Rollout:
         return self.final_latents.shape[0]
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(*words: int) -> int:
+    """SplitMix64 over the words: a seed in [0, 2**62) that depends on every word."""
+    z = 0x9E3779B97F4A7C15
+    for w in words:
+        z = (z + (w & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+    return z >> 2
+
+
+@dataclass(frozen=True)
+class NoiseKeys:
+    """Per-sample noise, the same whatever batch, chunk or process a sample is drawn in.
+
+    Sample j of the call's prompt p is member `first_member + j` of the group whose global id is
+    `prompt_ids[p]`. Its initial latents come from torch.Generator().manual_seed(s) and its step-i
+    noise from Philox(s, offset=i), with s = splitmix64(seed, prompt id, member); the latents a
+    group shares (same_noise, the branch prefix) come from splitmix64(seed, prompt id, 2**32).
+    A trainer that splits a batch over processes or reward chunks passes the global ids, and gets
+    the samples the whole batch would have had (to the model's batch-size rounding)."""
+
+    prompt_ids: tuple
+    first_member: int = 0
+
+    def __post_init__(self):
+        ids = tuple(self.prompt_ids)
+        for i, v in enumerate(ids):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"noise_keys.prompt_ids[{i}] must be an int >= 0 (got {v!r})")
+        if isinstance(self.first_member, bool) or not isinstance(self.first_member, int) or self.first_member < 0:
+            raise ValueError(f"noise_keys.first_member must be an int >= 0 (got {self.first_member!r})")
+        object.__setattr__(self, "prompt_ids", ids)
+
+    def sample_seeds(self, seed: int, group_size: int) -> List[int]:
+        return [_mix64(seed, p, self.first_member + j) for p in self.prompt_ids for j in range(group_size)]
+
+    def group_seeds(self, seed: int) -> List[int]:
+        return [_mix64(seed, p, 1 << 32) for p in self.prompt_ids]
+
+
+def _keyed_latents(adapter, seeds: List[int], size) -> Tensor:
+    return torch.cat([adapter.initial_latents(1, torch.Generator().manual_seed(s), **size) for s in seeds])
+
+
+def _keyed_sde_step(v, x, s0, s1, kind, noise_level, seeds, step, guidance, coef, sde_kwargs):
+    """sde_step row by row, row n's noise from Philox(seeds[n], offset=step)."""
+    outs = []
+    for n, s in enumerate(seeds):
+        rows = slice(n, n + 1)
+        g = None if guidance is None else guidance[rows]
+        c = coef[rows] if torch.is_tensor(coef) and coef.ndim >= 1 and coef.shape[0] == x.shape[0] else coef
+        outs.append(sde_step(v[rows], x[rows], s0, s1, kind, noise_level, seed=s, offset=step, guidance=g,
+                             guidance_scale=c if g is not None else 1.0, return_mean=False, **sde_kwargs))
+    return torch.cat([o.prev_sample for o in outs]), torch.cat([o.log_prob for o in outs])
+
+
+@dataclass
+class _StepOut:
+    prev_sample: Tensor
+    log_prob: Tensor
+
+
 def _check_prompts(prompts, group_size):
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of strings (got {type(prompts).__name__})")
@@ -127,6 +193,7 @@ def sample(
     prompts_per_image: bool = False,
     max_batch_size: Optional[int] = None,
     negative_prompt: Optional[str] = None,
+    noise_keys: Optional[NoiseKeys] = None,
 ) -> Rollout:
     """Sample P * G rollouts with per-step log-probs.
 
@@ -160,6 +227,10 @@ def sample(
             Each row's velocity is the same whatever the chunking (to batch-size rounding).
         negative_prompt: the CFG negative prompt of an SD3 or Wan pipeline (default "", as their
             __call__); with an adapter, set it on the adapter instead.
+        noise_keys: NoiseKeys(prompt_ids, first_member): every sample's noise from its own seed
+            (derived from seed and its global prompt id and group member), so that a batch split
+            over processes or chunks draws what the whole batch would. Costs one fused step call
+            per sample and step instead of one per step.
     """
     _check_prompts(prompts, group_size)
     if prompts_per_image:
@@ -186,6 +257,14 @@ def sample(
     N = P * G
     size = {k: v for k, v in dict(height=height, width=width, num_frames=num_frames).items() if v is not None}
     generator = torch.Generator().manual_seed(seed)
+    if noise_keys is not None:
+        if not isinstance(noise_keys, NoiseKeys):
+            raise TypeError(f"noise_keys must be a flowsteer.NoiseKeys (got {type(noise_keys).__name__})")
+        if len(noise_keys.prompt_ids) != P:
+            raise ValueError(f"noise_keys.prompt_ids has {len(noise_keys.prompt_ids)} ids for {P} prompts")
+        if prompts_per_image:
+            raise ValueError("noise_keys with prompts_per_image=True is not supported: pass the P prompts once")
+        sample_seeds = noise_keys.sample_seeds(seed, G)
 
     with torch.no_grad():
         adapter.prepare(**size)
@@ -194,11 +273,18 @@ def sample(
         prompt_index = torch.arange(P).repeat_interleave(G)
         prompt_index_dev = prompt_index.to(device)
         plan_gen = torch.Generator().manual_seed(seed + 1)
+        plan = win.plan(num_steps, iteration, plan_gen)
         # Initial latents: as the pipeline draws them for num_images_per_prompt = G (same_noise:
         # one per prompt, which the group shares).
-        x = adapter.initial_latents(P if same_noise else N, generator, **size)
+        if noise_keys is None:
+            x = adapter.initial_latents(P if same_noise else N, generator, **size)
+        elif same_noise or plan.branch_at is not None:
+            x = _keyed_latents(adapter, noise_keys.group_seeds(seed), size)  # one row per prompt
+            if not same_noise:
+                x = x.repeat_interleave(G, 0)  # the branch prefix keeps one row per prompt below
+        else:
+            x = _keyed_latents(adapter, sample_seeds, size)
         sigmas, timesteps = adapter.schedule(num_steps, x)
-        plan = win.plan(num_steps, iteration, plan_gen)
         branch_at = plan.branch_at
         if branch_at is not None and G < 2:
             raise ValueError("branch mode needs group_size >= 2")
@@ -247,9 +333,13 @@ def sample(
                     guidance = guidance.to(x.dtype).contiguous()
                     coef = guidance_coefficient(guidance, sigmas[i], sigmas[i + 1], reward_guidance_scale,
                                                 reward_guidance_norm, scale_by_dt)
-                out = sde_step(v, x, sigmas[i], sigmas[i + 1], kind, noise_level, seed=seed, offset=i,
-                               guidance=guidance, guidance_scale=coef if guidance is not None else 1.0,
-                               return_mean=False, **sde_kwargs)
+                if noise_keys is None:
+                    out = sde_step(v, x, sigmas[i], sigmas[i + 1], kind, noise_level, seed=seed, offset=i,
+                                   guidance=guidance, guidance_scale=coef if guidance is not None else 1.0,
+                                   return_mean=False, **sde_kwargs)
+                else:
+                    out = _StepOut(*_keyed_sde_step(v, x, sigmas[i], sigmas[i + 1], kind, noise_level, sample_seeds,
+                                                    i, guidance, coef if guidance is not None else None, sde_kwargs))
                 if consecutive:
                     if traj is None:
                         traj = x.new_empty((x.shape[0], len(trained) + 1) + tuple(x.shape[1:]))

@@ -67,15 +67,23 @@ def write_json_atomic(path: str, obj: Any) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def tmp_dir(ckpt_root: str, step: int) -> str:
+    """The directory a checkpoint of `step` is written into before it is renamed into place."""
+    return os.path.join(ckpt_root, f".tmp-step-{step:06d}-{os.getpid()}")
+
+
 def save_checkpoint(ckpt_root: str, step: int, tensors: Dict[str, Tensor], meta: Dict[str, Any],
-                    write_extra: Optional[Callable[[str], None]] = None, keep: Optional[int] = None) -> str:
-    """Write checkpoint `step` atomically under ckpt_root; returns its directory."""
+                    write_extra: Optional[Callable[[str], None]] = None, keep: Optional[int] = None,
+                    tmp: Optional[str] = None) -> str:
+    """Write checkpoint `step` atomically under ckpt_root; returns its directory. tmp: a temporary
+    directory that other processes have already written their parts into (a sharded checkpoint);
+    it is completed here and renamed into place."""
     from safetensors.torch import save_file
 
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step-{step:06d}"
     final = os.path.join(ckpt_root, name)
-    if os.path.isfile(os.path.join(final, "state.json")):
+    if os.path.isfile(os.path.join(final, "state.json")) and tmp is None:
         # This step is saved already (save() after train(), or a resumed run redoing the step whose
         # write finished but whose `latest` update did not): a run's state at a step is the same
         # every time, so the complete copy stays and only `latest` moves to it. Never renaming over
@@ -84,10 +92,11 @@ def save_checkpoint(ckpt_root: str, step: int, tensors: Dict[str, Tensor], meta:
         if keep is not None:
             prune(ckpt_root, keep)
         return final
-    tmp = os.path.join(ckpt_root, f".tmp-{name}-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    if tmp is None:
+        tmp = tmp_dir(ckpt_root, step)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, "state.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)

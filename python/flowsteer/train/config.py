@@ -136,6 +136,7 @@ class TrainConfig:
     timestep_order: Literal["in_order", "random_per_sample"] = "in_order"
     mask_zero_advantage: bool = True
     mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     ema: bool = False
     ema_decay: float = 0.995
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -184,6 +185,36 @@ class PRMConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Several processes (torchrun --nproc_per_node N -m flowsteer train CONFIG). groups: "whole"
+    (each process samples whole groups: prompts_per_iteration must divide by the world size) or
+    "split" (each group's samples are shared evenly: group_size must divide by the world size).
+    Either way the rewards are gathered before the advantages, so a group is normalised over all
+    of its samples. timeout_s: the collectives' timeout (a dead process ends the job instead of
+    hanging it). fsdp_min_params: the size from which train.parallel "auto" shards full fine-tuning."""
+
+    groups: Literal["whole", "split"] = "whole"
+    timeout_s: float = 1800.0
+    fsdp_min_params: int = 1_000_000_000
+
+
+@dataclass
+class ScoringConfig:
+    """Rewards off the critical path. chunk_prompts: sample the batch in chunks of this many
+    prompts and score each chunk in a background thread while the next one is sampled (null: one
+    rollout, then its scores); at most queue_depth chunks wait for their scores. A chunk's samples
+    are those the whole batch would have had (per-sample noise), so the run is the same either
+    way. retries / backoff_s: a reward that fails with a timeout or connection error is tried again
+    after backoff_s, 2 backoff_s, ...; after the last retry the iteration fails and nothing of it
+    is applied."""
+
+    chunk_prompts: Optional[int] = None
+    queue_depth: int = 2
+    retries: int = 2
+    backoff_s: float = 1.0
+
+
+@dataclass
 class LoggingConfig:
     tqdm: bool = True
     tensorboard: bool = True
@@ -206,6 +237,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -470,18 +503,23 @@ def validate(cfg: Config) -> None:
                        ("train.inner_epochs", t.inner_epochs), ("eval.num_steps", cfg.eval.num_steps),
                        ("eval.batch_size", cfg.eval.batch_size), ("checkpoint.keep", cfg.checkpoint.keep),
                        ("prm.hidden", cfg.prm.hidden), ("prm.depth", cfg.prm.depth), ("prm.fit_steps", cfg.prm.fit_steps),
-                       ("prm.fit_lr", cfg.prm.fit_lr), ("prm.fit_batch_size", cfg.prm.fit_batch_size)):
+                       ("prm.fit_lr", cfg.prm.fit_lr), ("prm.fit_batch_size", cfg.prm.fit_batch_size),
+                       ("distributed.timeout_s", cfg.distributed.timeout_s),
+                       ("distributed.fsdp_min_params", cfg.distributed.fsdp_min_params),
+                       ("scoring.queue_depth", cfg.scoring.queue_depth)):
         _positive(key, value)
     for key, value in (("train.lr", t.lr), ("sampling.noise_level", s.noise_level), ("sampling.guidance_scale", s.guidance_scale),
                        ("train.weight_decay", t.weight_decay), ("train.lr_warmup_steps", t.lr_warmup_steps),
                        ("train.beta", t.beta), ("eval.every", cfg.eval.every), ("checkpoint.every", cfg.checkpoint.every),
-                       ("train.advantages.eps", t.advantages.eps), ("prm.guidance_scale", cfg.prm.guidance_scale)):
+                       ("train.advantages.eps", t.advantages.eps), ("prm.guidance_scale", cfg.prm.guidance_scale),
+                       ("scoring.retries", cfg.scoring.retries), ("scoring.backoff_s", cfg.scoring.backoff_s)):
         _positive(key, value, allow_zero=True)
     for key, value in (("sampling.height", s.height), ("sampling.width", s.width), ("sampling.num_frames", s.num_frames),
                        ("sampling.max_batch_size", s.max_batch_size), ("train.batch_size", t.batch_size),
                        ("train.max_grad_norm", t.max_grad_norm), ("train.advantages.clip", t.advantages.clip),
                        ("model.max_sequence_length", cfg.model.max_sequence_length),
-                       ("eval.max_prompts", cfg.eval.max_prompts), ("eval.guidance_scale", cfg.eval.guidance_scale)):
+                       ("eval.max_prompts", cfg.eval.max_prompts), ("eval.guidance_scale", cfg.eval.guidance_scale),
+                       ("scoring.chunk_prompts", cfg.scoring.chunk_prompts)):
         _positive(key, value, allow_none=True)
     if not 0 <= cfg.eval.seed < 2**62:
         raise ConfigError(f"eval.seed must be in [0, 2**62) (got {cfg.eval.seed})")
@@ -514,6 +552,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError("model.lora.target_modules must name at least one module")
         if not 0 <= lora.dropout < 1:
             raise ConfigError(f"model.lora.dropout must be in [0, 1) (got {lora.dropout})")
+    if cfg.scoring.chunk_prompts is not None and cfg.algorithm == "euphonium" and cfg.prm.guidance_norm == "batch":
+        raise ConfigError("scoring.chunk_prompts with algorithm 'euphonium' and prm.guidance_norm 'batch' would "
+                          "normalise the guidance over each chunk instead of the batch; set prm.guidance_norm to "
+                          "'sample' or 'none', or scoring.chunk_prompts to null")
     if cfg.model.reference == "base" and cfg.model.lora is None:
         raise ConfigError("model.reference 'base' (the LoRA adapters switched off) needs model.lora; "
                           "full fine-tuning takes reference 'copy' or 'auto'")
@@ -562,25 +604,23 @@ def trained_steps(cfg: Config) -> int:
 
 
 def batch_arithmetic(cfg: Config, world_size: int = 1) -> Dict[str, int]:
-    """The numbers of one iteration, checked to divide; raises ConfigError showing the arithmetic."""
+    """The numbers of one iteration, checked to divide; raises ConfigError showing the arithmetic.
+    train.batch_size is global (the samples of a minibatch over all processes)."""
     s, t = cfg.sampling, cfg.train
     n = t.prompts_per_iteration * s.group_size
-    if n % world_size:
-        raise ConfigError(f"prompts_per_iteration x group_size = {t.prompts_per_iteration} x {s.group_size} = {n} "
-                          f"samples do not split over {world_size} processes ({n} % {world_size} = {n % world_size})")
-    per_rank = n // world_size
-    bs = per_rank if t.batch_size is None else t.batch_size
-    if per_rank % bs:
-        where = (f"iteration: train.prompts_per_iteration x sampling.group_size = {t.prompts_per_iteration} x "
-                 f"{s.group_size} = {per_rank}" if world_size == 1 else
-                 f"process: train.prompts_per_iteration x sampling.group_size / processes = {t.prompts_per_iteration} "
-                 f"x {s.group_size} / {world_size} = {per_rank}")
-        raise ConfigError(f"train.batch_size = {bs} does not divide the samples per {where}, and "
-                          f"{per_rank} % {bs} = {per_rank % bs}")
-    minibatches = per_rank // bs
+    if world_size > 1:
+        from .distributed import Layout
+
+        Layout.of(cfg, world_size, 0)  # raises showing the numbers when the groups do not split
+    bs = n if t.batch_size is None else t.batch_size
+    if n % bs:
+        raise ConfigError(f"train.batch_size = {bs} does not divide the samples per iteration: "
+                          f"train.prompts_per_iteration x sampling.group_size = {t.prompts_per_iteration} x "
+                          f"{s.group_size} = {n}, and {n} % {bs} = {n % bs}")
+    minibatches = n // bs
     S, K = stochastic_steps(cfg), trained_steps(cfg)
     return dict(prompts_per_iteration=t.prompts_per_iteration, group_size=s.group_size, samples=n,
-                world_size=world_size, samples_per_rank=per_rank, batch_size=bs, minibatches=minibatches,
+                world_size=world_size, samples_per_rank=n // world_size, batch_size=bs, minibatches=minibatches,
                 stochastic_steps=S, trained_steps=K, inner_epochs=t.inner_epochs,
                 optimizer_steps=minibatches * t.inner_epochs, forwards_per_sample=K * t.inner_epochs)
 
@@ -590,7 +630,7 @@ def describe_batch(cfg: Config, world_size: int = 1) -> str:
     return "\n".join([
         f"samples per iteration: prompts_per_iteration x group_size = {a['prompts_per_iteration']} x {a['group_size']} "
         f"= {a['samples']} ({a['samples_per_rank']} per process, {a['world_size']} process(es))",
-        f"minibatches: {a['samples_per_rank']} / batch_size {a['batch_size']} = {a['minibatches']}, "
+        f"minibatches: {a['samples']} / batch_size {a['batch_size']} = {a['minibatches']} (global), "
         f"x {a['inner_epochs']} inner epoch(s) = {a['optimizer_steps']} optimizer steps per iteration "
         "(before zero-advantage samples are masked)",
         f"trained steps per sample: {a['trained_steps']} of {a['stochastic_steps']} stochastic steps "

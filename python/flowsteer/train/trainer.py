@@ -9,10 +9,12 @@ window, the guidance and the advantages; the numbers come from the config.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -23,12 +25,15 @@ from .. import __version__
 from ..ops import grpo_loss
 from ..rewards import MultiReward, Reward, RewardOutputs
 from ..rewards.multi import check_weighted_finite
+from ..sampler import NoiseKeys, sample
 from ..sampler import evaluate as evaluate_step
-from ..sampler import sample
 from . import checkpoint as ckpt
 from .algorithms import grouped_advantages, make_algorithm
 from .config import Config, ConfigError, diff_configs, dump_yaml, load_config, num_trained
 from .data import PromptSampler, load_prompts
+from .distributed import Dist, Layout, env_world_size, gather_rows
+from . import parallel as par
+from .scoring import RewardScorer, cat_rollouts
 from .images import image_stats, write_grid
 from .models import (EMA, add_lora, load_pipeline, make_adapter, networks_of, reference_model, save_lora,
                      trainable_parameters)
@@ -36,7 +41,7 @@ from .rewards import build_multi_reward
 
 Tensor = torch.Tensor
 # metrics that measure the machine, not the run: excluded when a resumed run is compared
-TIMING_KEYS = ("time/", "images_per_s")
+TIMING_KEYS = ("time/", "images_per_s", "reward/latency_s")
 
 
 def _versions() -> Dict[str, str]:
@@ -80,8 +85,16 @@ class GRPOTrainer:
         cfg = config if isinstance(config, Config) else load_config(config)
         self.config = cfg
         self.algorithm = make_algorithm(cfg.algorithm)
+        world = env_world_size()
+        if world > 1 and pipe is None and torch.cuda.is_available() and cfg.model.device in (None, "cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one process per GPU
         self.model = load_pipeline(cfg) if pipe is None else pipe
         self.adapter = make_adapter(self.model, cfg)
+        self.dist = Dist.from_env(cfg.distributed.timeout_s, self.adapter.device)
+        self.layout = Layout.of(cfg, self.dist.world, self.dist.rank)
+        if self.dist.world > 1 and cfg.algorithm == "euphonium":
+            raise ConfigError("algorithm 'euphonium' runs on one process for now: its PRM is fitted on each "
+                              "process's own rollouts; start it without torchrun")
         self.reward = _as_multi_reward(reward, cfg)
         if eval_rewards is None and cfg.eval.extra_rewards:
             eval_rewards = build_multi_reward(cfg.eval.extra_rewards, "sum", "eval.extra_rewards",
@@ -104,25 +117,33 @@ class GRPOTrainer:
             if cfg.model.gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
                 net.enable_gradient_checkpointing()
             net.eval()
-        self.named_params = trainable_parameters(self.nets)
-        self.params = [p for _, p in self.named_params]
         # The trained weights are fp32 masters whatever model.dtype is (autocast runs the compute in
         # bf16 or fp16): an AdamW step of lr 1e-5 on a bf16 weight of magnitude above ~3e-3 rounds
         # to nothing, and GradScaler cannot unscale fp16 gradients.
         with torch.no_grad():
-            for p in self.params:
+            for _, p in trainable_parameters(self.nets):
                 if p.dtype != torch.float32:
                     p.data = p.data.float()
+        self.parallel = par.resolve(cfg, self.dist.world, self.nets)
+        if self.parallel == "ddp":
+            par.broadcast_parameters(self.dist, self.nets)  # every process starts from rank 0's weights
+        self.ref = reference_model(self.model, self.adapter, self.nets, cfg) if cfg.train.beta > 0 else None
+        if self.parallel == "fsdp":
+            par.shard(self.nets, cfg)
+            if self.ref is not None and self.ref != "base":
+                par.shard(networks_of(self.ref), cfg)
+        self.named_params = trainable_parameters(self.nets)
+        self.params = [p for _, p in self.named_params]
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                            weight_decay=t.weight_decay)
         self.ema = EMA(self.named_params, t.ema_decay) if t.ema else None
-        self.ref = reference_model(self.model, self.adapter, self.nets, cfg) if t.beta > 0 else None
         self.scaler = None
         if t.mixed_precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.prm = None
         self.sampler = PromptSampler(len(self.train_prompts), self.derived_seed("prompts"))
+        self.scorer = RewardScorer(cfg.scoring)
         self.iteration = 0
         self.optimizer_steps = 0
         self.skipped_steps = 0
@@ -130,7 +151,15 @@ class GRPOTrainer:
         self.run_dir = run_dir
         self._tb = None
         if run_dir is not None and not _resuming:
-            self._init_run_dir()
+            error = None
+            if self.dist.main:
+                try:
+                    self._init_run_dir()
+                except FileExistsError as exc:
+                    error = str(exc)
+            error = self.dist.broadcast_object(error)  # every process fails alike, none waits for the others
+            if error is not None:
+                raise FileExistsError(error)
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -178,7 +207,7 @@ class GRPOTrainer:
         open(os.path.join(self.run_dir, "metrics.jsonl"), "w").close()
 
     def _log_row(self, row: Dict[str, Any]) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.dist.main:  # rank 0 logs the global metrics
             return
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
@@ -199,17 +228,87 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------- rollout
 
-    def _rollout(self, prompts: List[str]):
+    def _rollout(self, prompts: List[str], keys: NoiseKeys, group_size: int):
         s = self.config.sampling
-        kwargs = dict(group_size=s.group_size, num_steps=s.num_steps, guidance_scale=s.guidance_scale, kind=s.kind,
+        kwargs = dict(group_size=group_size, num_steps=s.num_steps, guidance_scale=s.guidance_scale, kind=s.kind,
                       noise_level=s.noise_level, window=self.window, iteration=self.iteration,
                       seed=self.derived_seed("rollout", self.iteration), same_noise=s.same_noise,
-                      decode=self.adapter.can_decode, max_batch_size=s.max_batch_size, cps_logprob=s.cps_logprob)
+                      decode=self.adapter.can_decode, max_batch_size=s.max_batch_size, cps_logprob=s.cps_logprob,
+                      noise_keys=keys)
         kwargs.update({k: v for k, v in dict(height=s.height, width=s.width, num_frames=s.num_frames).items()
                        if v is not None and not _is_callable_adapter(self.adapter)})
         kwargs.update(self.algorithm.sample_kwargs(self))
         with self._autocast():
             return sample(self.adapter, prompts, **kwargs)
+
+    def _rollout_and_score(self, positions: List[int], prompt_ids: List[int]):
+        """This process's rollout of the global prompt positions, and its RewardOutputs (None when
+        the scores are taken over whole groups after a gather: split groups and a pairwise judge).
+        With scoring.chunk_prompts, chunks are scored in the background while the next is sampled."""
+        lay, G_loc = self.layout, len(self.layout.members)
+        prompts = [self.train_prompts[i] for i in prompt_ids]
+        meta = None if self.train_meta is None else [self.train_meta[i] for i in prompt_ids for _ in range(G_loc)]
+        deferred = self._gathered_scoring()
+        c = self.config.scoring.chunk_prompts
+        whole = c is None or c >= len(positions) or deferred
+        chunks = [(0, len(positions))] if whole else [(a, min(a + c, len(positions)))
+                                                       for a in range(0, len(positions), c)]
+
+        def produce(span):
+            a, b = span
+            r = self._rollout(prompts[a:b], NoiseKeys(tuple(positions[a:b]), lay.members.start), G_loc)
+            return r, span
+
+        def score(item):
+            r, (a, b) = item
+            if deferred:
+                return None
+            return self._score(self.reward, r, r.prompts, None if meta is None else meta[a * G_loc:b * G_loc])
+
+        if len(chunks) == 1:
+            item = produce(chunks[0])
+            self._t_rollout_done = time.perf_counter()
+            return item[0], self.scorer.call(lambda: score(item))
+        pairs = self.scorer.pipeline(chunks, produce, score)
+        self._t_rollout_done = time.perf_counter()
+        rollout = cat_rollouts([r for (r, _), _ in pairs])
+        outs = [o for _, o in pairs]
+        return rollout, replace_rewards(outs[0], torch.cat([o.rewards for o in outs]))
+
+    def _gathered_scoring(self) -> bool:
+        """Split groups with a pairwise judge: the judge must see whole groups, so the samples are
+        gathered and each process scores whole groups."""
+        from ..rewards import WinRateReward
+
+        return (self.dist.world > 1 and self.layout.groups == "split"
+                and any(isinstance(r, WinRateReward) for r in self.reward.rewards.values()))
+
+    def _global_outputs(self, rollout, local: Optional[RewardOutputs], prompt_ids: List[int]) -> RewardOutputs:
+        """The RewardOutputs of the whole batch, in global sample order, on every process."""
+        d, lay = self.dist, self.layout
+        if local is not None:
+            return replace_rewards(local, gather_rows(d, lay, local.rewards.float().contiguous()))
+        # whole groups: gather the samples, score the groups g = rank, rank + W, ... here, gather the scores
+        G = lay.G
+        images = None if rollout.images is None else gather_rows(d, lay, rollout.images.contiguous())
+        finals = gather_rows(d, lay, rollout.final_latents.contiguous())
+        mine = [g for g in range(lay.P) if g % d.world == d.rank]
+        rows = torch.tensor([g * G + j for g in mine for j in range(G)], dtype=torch.long)
+
+        class _R:  # the fields _score reads
+            pass
+
+        part = _R()
+        part.images = None if images is None else images[rows.to(images.device)]
+        part.final_latents = finals[rows.to(finals.device)]
+        prompts = [self.train_prompts[prompt_ids[g]] for g in mine for _ in range(G)]
+        meta = None if self.train_meta is None else [self.train_meta[prompt_ids[g]] for g in mine for _ in range(G)]
+        out = self.scorer.call(lambda: self._score(self.reward, part, prompts, meta))
+        pieces = d.all_gather_object((rows, out.rewards.detach().float().cpu()))
+        full = torch.empty(lay.P * G, out.rewards.shape[1])
+        for r, v in pieces:
+            full[r] = v
+        return replace_rewards(out, full.to(out.rewards.device))
 
     def _score(self, reward: MultiReward, rollout, prompts: List[str], meta) -> RewardOutputs:
         images = rollout.images
@@ -251,28 +350,41 @@ class GRPOTrainer:
         return t.lr * min(1.0, (self.optimizer_steps + 1) / t.lr_warmup_steps)
 
     def step(self) -> Dict[str, Any]:
-        """One iteration; returns its metrics (also written to metrics.jsonl when there is a run dir)."""
+        """One iteration; returns its metrics (also written to metrics.jsonl when there is a run dir).
+        An iteration that fails (a reward that keeps failing, a non-finite reward) leaves the
+        trainer as it was before it: the same prompts are drawn again by the next call."""
+        consumed = self.sampler.consumed
+        try:
+            return self._step()
+        except BaseException:
+            self.sampler.consumed = consumed
+            raise
+
+    def _step(self) -> Dict[str, Any]:
         cfg, t = self.config, self.config.train
         P, G = t.prompts_per_iteration, cfg.sampling.group_size
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        idx = self.sampler.next(P)
-        prompts = [self.train_prompts[i] for i in idx]
-        meta = None if self.train_meta is None else [self.train_meta[i] for i in idx for _ in range(G)]
-        rollout = self._rollout(prompts)
+        self.scorer.reset_stats()
+        idx = self.sampler.next(P)  # the global batch: the same prompts on every process
+        positions = self.layout.prompts
+        rollout, local_outputs = self._rollout_and_score(positions, [idx[p] for p in positions])
         sync()
-        t1 = time.perf_counter()
-        outputs = self._score(self.reward, rollout, rollout.prompts, meta)
+        t1 = self._t_rollout_done
+        outputs = self._global_outputs(rollout, local_outputs, idx)
         rewards = outputs.rewards.detach()
         t2 = time.perf_counter()
-        group_ids = rollout.group_ids
+        group_ids = torch.arange(P).repeat_interleave(G)
         outcome = self._advantages(outputs, group_ids).to(self.device)
-        adv = self.algorithm.advantages(self, outcome, rollout)
-        extra = self.algorithm.after_rewards(self, rollout, outputs.weighted_sum().detach())
+        if self.dist.world == 1:
+            adv = self.algorithm.advantages(self, outcome, rollout)
+            extra = self.algorithm.after_rewards(self, rollout, outputs.weighted_sum().detach())
+        else:  # euphonium (the one algorithm with process advantages) runs on one process
+            adv, extra = outcome, {}
         train_stats = self._train_on(rollout, adv)
         sync()
         t3 = time.perf_counter()
-        N = rollout.num_samples
+        N = P * G
         m: Dict[str, Tensor] = {}
         for k, name in enumerate(outputs.names):
             col = rewards[:, k].float()
@@ -285,9 +397,10 @@ class GRPOTrainer:
         a = adv.float()
         m.update({"advantage/mean": a.mean(), "advantage/std": a.std(unbiased=False), "advantage/min": a.min(),
                   "advantage/max": a.max(), "advantage/zero_frac": (a == 0).float().mean()})
-        if rollout.images is not None:
-            sat, hf = image_stats(rollout.images)
-            m["hack/saturation"], m["hack/high_freq"] = sat, hf
+        if rollout.images is not None:  # means over equal shares: the mean of the processes' means
+            hack = torch.stack(image_stats(rollout.images)).float()
+            hack = self.dist.all_reduce(hack) / self.dist.world
+            m["hack/saturation"], m["hack/high_freq"] = hack[0], hack[1]
         m.update(train_stats)
         m.update(extra)
         keys = list(m)
@@ -299,7 +412,12 @@ class GRPOTrainer:
                     "prompts_consumed": self.sampler.consumed,
                     "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2, "time/total": t3 - t0,
                     "images_per_s": N / max(t1 - t0, 1e-9)})
-        if row.get("onpolicy/max_dev") not in (0.0, None) and not self._warned_on_policy:
+        lat = self.scorer.latencies
+        row.update({"reward/latency_s": max(lat) if lat else None, "reward/retries": self.scorer.retried,
+                    "reward/queue_depth_max": self.scorer.max_queue})
+        if self.dist.world > 1:
+            row["world_size"] = self.dist.world
+        if row.get("onpolicy/max_dev") not in (0.0, None) and not self._warned_on_policy and self.dist.main:
             self._warned_on_policy = True
             warnings.warn(f"on-policy check: the first minibatch's ratio deviates from 1 by {row['onpolicy/max_dev']:.3g} "
                           "(exactly 0 expected): the training forward differs from the rollout's (a different "
@@ -311,8 +429,13 @@ class GRPOTrainer:
         return row
 
     def _train_on(self, rollout, adv: Tensor) -> Dict[str, Tensor]:
-        t = self.config.train
-        N, S = rollout.log_probs.shape
+        """Inner epochs x global minibatches x trained steps. Every process walks the same global
+        minibatches (drawn from the iteration's seed over the whole batch) and back-propagates its
+        own samples of each, weighted by their share n_local / n_minibatch, so that the summed
+        gradient is the one-process gradient of the minibatch's mean loss."""
+        t, d = self.config.train, self.dist
+        N = adv.shape[0]  # the global batch
+        S = rollout.log_probs.shape[1]
         gen = torch.Generator().manual_seed(self.derived_seed("train", self.iteration))
         sel = self._trained_steps(S, N, gen) if S else torch.zeros(N, 0, dtype=torch.long)  # [N, K]
         K = sel.shape[1]
@@ -322,15 +445,22 @@ class GRPOTrainer:
             keep = nonzero.nonzero().flatten().cpu()
         else:
             keep = torch.arange(N)
+        local_of = torch.full((N,), -1, dtype=torch.long)  # global sample -> its row in this process's rollout
+        local_of[self.layout.global_index()] = torch.arange(self.layout.num_local)
         lo, hi = t.clip_range if isinstance(t.clip_range, tuple) else (t.clip_range, t.clip_range)
-        ref = self.ref
-        dev = self.device
-        stats: Dict[str, List[Tensor]] = {k: [] for k in ("loss", "clip_low", "clip_high", "approx_kl", "kl", "ratio_mean",
-                                                         "ratio_min", "ratio_max", "grad_norm")}
+        ref, dev, fsdp = self.ref, self.device, self.parallel == "fsdp"
+        # per (minibatch, step) entry: this process's share-weighted loss, clip fractions, approx-KL,
+        # KL and mean ratio (summed over the processes), and its min and max ratio
+        sums: List[Tensor] = []
+        mins: List[Tensor] = []
+        maxs: List[Tensor] = []
+        norms: List[Tensor] = []
+        has_kl = False
         onpolicy = torch.zeros((), device=dev)
         skipped = 0
         steps_done = 0
         bs = keep.numel() if t.batch_size is None else t.batch_size
+        inf = torch.tensor(float("inf"), device=dev)
         for net in self.nets:
             net.train()
         try:
@@ -339,56 +469,75 @@ class GRPOTrainer:
                     break
                 order = keep[torch.randperm(keep.numel(), generator=gen)]
                 for mb_i, start in enumerate(range(0, order.numel(), bs)):
-                    mb = order[start:start + bs]
+                    mb_global = order[start:start + bs]
+                    mine = mb_global[local_of[mb_global] >= 0]
+                    share = mine.numel() / mb_global.numel()
+                    # FSDP gathers each block's weights inside the forward: every process runs one,
+                    # a process without samples here on its first row, with weight 0
+                    run = mine.numel() > 0 or fsdp
+                    rows = mine if mine.numel() else self.layout.global_index()[:1]
+                    mb = local_of[rows]
                     mb_dev = mb.to(dev)
                     first = epoch == 0 and mb_i == 0
+                    # FSDP averages the reduce-scatter over the processes; the shares sum to 1
+                    weight = share * (d.world if fsdp else 1)
                     for k in range(K):
-                        steps_k = sel[mb, k]
-                        same = bool((steps_k == steps_k[0]).all())
-                        step_arg = int(steps_k[0]) if same else steps_k
-                        with self._autocast():
-                            lp, kl = evaluate_step(rollout, step_arg, mb, ref_model=ref, kl=t.kl)
-                        steps_dev = steps_k.to(dev)
-                        old = rollout.log_probs[mb_dev, steps_dev]
-                        a = adv[mb_dev, steps_dev] if per_step else adv[mb_dev]
-                        loss, st = grpo_loss(lp.float(), old, a, (lo, hi), kl=kl, beta=t.beta)
-                        scaled = loss / K
-                        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                        with torch.no_grad():
-                            log_ratio = lp.detach().float() - old.float()
-                            ratio = torch.exp(log_ratio)
-                            stats["loss"].append(loss.detach())
-                            stats["clip_low"].append((ratio < 1 - lo).float().mean())
-                            stats["clip_high"].append((ratio > 1 + hi).float().mean())
-                            stats["approx_kl"].append(st.approx_kl)
-                            if kl is not None:
-                                stats["kl"].append(kl.detach().float().mean())
-                            stats["ratio_mean"].append(st.ratio_mean)
-                            stats["ratio_min"].append(st.ratio_min)
-                            stats["ratio_max"].append(st.ratio_max)
-                            if first:
-                                onpolicy = torch.maximum(onpolicy, (ratio - 1).abs().max())
+                        entry = torch.zeros(6, device=dev)
+                        low, high = inf.clone(), -inf
+                        if run:
+                            par.set_gradient_sync(self.nets, k == K - 1)
+                            steps_k = sel[rows, k]
+                            same = bool((steps_k == steps_k[0]).all())
+                            step_arg = int(steps_k[0]) if same else steps_k
+                            with self._autocast():
+                                lp, kl = evaluate_step(rollout, step_arg, mb, ref_model=ref, kl=t.kl)
+                            steps_dev = steps_k.to(dev)
+                            old = rollout.log_probs[mb_dev, steps_dev]
+                            rows_dev = rows.to(adv.device)
+                            a = adv[rows_dev, steps_k.to(adv.device)] if per_step else adv[rows_dev]
+                            loss, st = grpo_loss(lp.float(), old, a.to(dev), (lo, hi), kl=kl, beta=t.beta)
+                            scaled = loss * (weight / K)
+                            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                            has_kl = kl is not None
+                            if mine.numel():
+                                with torch.no_grad():
+                                    ratio = torch.exp(lp.detach().float() - old.float())
+                                    entry = torch.stack([
+                                        loss.detach().float(), (ratio < 1 - lo).float().mean(),
+                                        (ratio > 1 + hi).float().mean(), st.approx_kl.float().reshape(()),
+                                        kl.detach().float().mean() if kl is not None else torch.zeros((), device=dev),
+                                        st.ratio_mean.float().reshape(())]) * share
+                                    low, high = st.ratio_min.float().reshape(()), st.ratio_max.float().reshape(())
+                                    if first:
+                                        onpolicy = torch.maximum(onpolicy, (ratio - 1).abs().max())
+                        sums.append(entry)
+                        mins.append(low)
+                        maxs.append(high)
+                    par.set_gradient_sync(self.nets, True)
                     ok, norm = self._optimizer_step()
-                    stats["grad_norm"].append(norm)
+                    norms.append(norm)
                     skipped += 0 if ok else 1
                     steps_done += 1
         finally:
+            par.set_gradient_sync(self.nets, True)
             for net in self.nets:
                 net.eval()
-
-        def mean(k):
-            return torch.stack(stats[k]).mean() if stats[k] else torch.tensor(float("nan"))
-
-        out = {"loss": mean("loss"), "clip_frac/low": mean("clip_low"), "clip_frac/high": mean("clip_high"),
-               "approx_kl": mean("approx_kl"), "ratio/mean": mean("ratio_mean"),
-               "ratio/min": torch.stack(stats["ratio_min"]).min() if stats["ratio_min"] else torch.tensor(float("nan")),
-               "ratio/max": torch.stack(stats["ratio_max"]).max() if stats["ratio_max"] else torch.tensor(float("nan")),
-               "grad_norm": mean("grad_norm"), "onpolicy/max_dev": onpolicy,
+        nan = torch.tensor(float("nan"))
+        if sums:
+            total = d.all_reduce(torch.stack(sums)).mean(dim=0)
+            low = d.all_reduce(torch.stack(mins).min().reshape(1), "min")[0]
+            high = d.all_reduce(torch.stack(maxs).max().reshape(1), "max")[0]
+            d.all_reduce(onpolicy.reshape(1), "max")
+        else:
+            total, low, high = torch.full((6,), float("nan")), nan, nan
+        out = {"loss": total[0], "clip_frac/low": total[1], "clip_frac/high": total[2], "approx_kl": total[3],
+               "ratio/mean": total[5], "ratio/min": low, "ratio/max": high,
+               "grad_norm": torch.stack(norms).mean() if norms else nan, "onpolicy/max_dev": onpolicy,
                "trained_samples": torch.tensor(float(keep.numel())), "skipped_steps": torch.tensor(float(skipped)),
                "minibatch_steps": torch.tensor(float(steps_done))}
         out["clip_frac"] = out["clip_frac/low"] + out["clip_frac/high"]
-        if stats["kl"]:
-            out["kl"] = mean("kl")
+        if has_kl or (sums and self.config.train.beta > 0):
+            out["kl"] = total[4]
         return out
 
     def _optimizer_step(self):
@@ -396,10 +545,12 @@ class GRPOTrainer:
         t = self.config.train
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
+        if self.parallel == "ddp":
+            par.all_reduce_gradients(self.dist, self.params)  # the one all-reduce of the optimizer step
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = t.max_grad_norm if t.max_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = par.full_norm(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         finite = bool(torch.isfinite(norm))  # one flag per optimizer step
         if self.scaler is not None:
             if finite:
@@ -425,7 +576,7 @@ class GRPOTrainer:
         cfg = self.config
         rows = []
         bar = None
-        if cfg.logging.tqdm:
+        if cfg.logging.tqdm and self.dist.main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.train.iterations, initial=self.iteration, desc=f"flowsteer {cfg.algorithm}",
@@ -465,56 +616,112 @@ class GRPOTrainer:
         s = cfg.sampling
         size = {k: v for k, v in dict(height=s.height, width=s.width, num_frames=s.num_frames).items()
                 if v is not None and not _is_callable_adapter(self.adapter)}
-        images, finals = [], []
+        # chunk c (seed eval.seed + c) runs on process c % W; under FSDP a process short of a chunk
+        # in the last round runs one anyway (every process must join each forward) and drops it
+        d = self.dist
+        chunks = list(enumerate(range(0, len(prompts), e.batch_size)))
+        mine = chunks[d.rank::d.world]
+        rounds = -(-len(chunks) // d.world)
+        done = []
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), self._autocast():
-            for c, start in enumerate(range(0, len(prompts), e.batch_size)):
+            for j in range(rounds):
+                if j >= len(mine) and self.parallel != "fsdp":
+                    break
+                c, start = mine[j] if j < len(mine) else chunks[0]
                 r = sample(self.adapter, prompts[start:start + e.batch_size], num_steps=e.num_steps, guidance_scale=gs,
                            kind="ode", noise_level=0.0, seed=e.seed + c, decode=self.adapter.can_decode, **size)
-                finals.append(r.final_latents.float())
-                if r.images is not None:
-                    images.append(r.images.float())
+                if j < len(mine):
+                    done.append((c, start, r))
+
         class _R:  # the fields _score reads
             pass
+
         roll = _R()
-        roll.images = torch.cat(images) if images else None
-        roll.final_latents = torch.cat(finals)
-        out: Dict[str, float] = {}
+        roll.images = torch.cat([r.images.float() for _, _, r in done]) if done and done[0][2].images is not None else None
+        roll.final_latents = torch.cat([r.final_latents.float() for _, _, r in done]) if done else None
+        local_prompts = [q for _, start, r in done for q in prompts[start:start + r.num_samples]]
+        local_meta = None if meta is None else [m for _, start, r in done for m in meta[start:start + r.num_samples]]
         # a pairwise win rate needs a group; one ODE sample per prompt has none, so it is left out here
         from ..rewards import WinRateReward
 
         pointwise = {n: r for n, r in self.reward.rewards.items() if not isinstance(r, WinRateReward)}
+        reward = None
         if pointwise:
             reward = self.reward if len(pointwise) == len(self.reward.rewards) else MultiReward(
                 pointwise, {n: w for n, w in self.reward.weights.items() if n.split("/")[0] in pointwise})
-            outputs = self._score(reward, roll, prompts, meta)
-            for k, name in enumerate(outputs.names):
-                out[f"eval/reward/{name}"] = float(outputs.rewards[:, k].float().mean())
-            out["eval/reward/mean"] = float(outputs.weighted_sum().float().mean())
-        if self.eval_rewards:
-            extra = self._score(MultiReward(self.eval_rewards), roll, prompts, meta)
-            for k, name in enumerate(extra.names):
-                out[f"eval/extra/{name}"] = float(extra.rewards[:, k].float().mean())
-        if self.run_dir is not None and roll.images is not None:
-            write_grid(os.path.join(self.run_dir, "samples", f"eval-{self.iteration:06d}.png"), roll.images, prompts)
+        scored, extra = None, None
+        if done and reward is not None:
+            scored = self._score(reward, roll, local_prompts, local_meta)
+        if done and self.eval_rewards:
+            extra = self._score(MultiReward(self.eval_rewards), roll, local_prompts, local_meta)
+        want_images = self.run_dir is not None and roll.images is not None
+        pieces = d.all_gather_object((
+            [c for c, _, _ in done],
+            None if scored is None else (scored.rewards.detach().float().cpu(), scored.names, scored.weights),
+            None if extra is None else (extra.rewards.detach().float().cpu(), extra.names),
+            (roll.images.clamp(0, 1) * 255).round().to(torch.uint8).cpu() if want_images and d.world > 1 else None))
+        order = sorted((c, k) for k, piece in enumerate(pieces) for c in piece[0])  # the chunks in prompt order
+
+        def rows(slot):
+            parts, at = {}, {}
+            for k, piece in enumerate(pieces):
+                if piece[slot] is None:
+                    continue
+                start = 0
+                for c in piece[0]:
+                    n = min(e.batch_size, len(prompts) - c * e.batch_size)
+                    at[c] = (k, start, n)
+                    start += n
+                parts[k] = piece[slot]
+            return parts, at
+
+        out: Dict[str, float] = {}
+        for slot, prefix in ((1, "eval/reward/"), (2, "eval/extra/")):
+            parts, at = rows(slot)
+            if not parts:
+                continue
+            first = next(iter(parts.values()))
+            values = torch.cat([parts[at[c][0]][0][at[c][1]:at[c][1] + at[c][2]] for c, _ in order])
+            for k, name in enumerate(first[1]):
+                out[f"{prefix}{name}"] = float(values[:, k].mean())
+            if slot == 1:
+                out["eval/reward/mean"] = float((values @ first[2].float()).mean())
+        if want_images and d.main:
+            if d.world > 1:
+                parts, at = rows(3)
+                grid = torch.cat([parts[at[c][0]][at[c][1]:at[c][1] + at[c][2]] for c, _ in order]).float() / 255
+            else:
+                grid = roll.images
+            write_grid(os.path.join(self.run_dir, "samples", f"eval-{self.iteration:06d}.png"), grid, prompts)
         return out
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def state(self):
-        """(tensors, meta) of everything a run needs to continue bit for bit."""
-        tensors: Dict[str, Tensor] = {f"model.{n}": p for n, p in self.named_params}
-        opt_t, opt_m = ckpt.flatten_optimizer(self.optimizer, "optimizer")
-        tensors.update(opt_t)
-        if self.ema is not None:
-            tensors.update(self.ema.tensors())
-        rng_t, rng_m = ckpt.rng_state()
+    def state(self, rng_all: Optional[List[Any]] = None):
+        """(tensors, meta) of everything a run needs to continue bit for bit. rng_all: every
+        process's ckpt.rng_state(), in rank order (default: this process's only). Under FSDP the
+        weights, optimizer and EMA are not here: they go to the sharded checkpoint."""
+        sharded = self.parallel == "fsdp"
+        tensors: Dict[str, Tensor] = {} if sharded else {f"model.{n}": p for n, p in self.named_params}
+        opt_m: Dict[str, Any] = {}
+        if not sharded:
+            opt_t, opt_m = ckpt.flatten_optimizer(self.optimizer, "optimizer")
+            tensors.update(opt_t)
+            if self.ema is not None:
+                tensors.update(self.ema.tensors())
+        rng_all = rng_all or [ckpt.rng_state()]
+        rng_t, rng_m = rng_all[0]
         tensors.update(rng_t)
+        for r, (t_r, _) in enumerate(rng_all[1:], 1):  # the other processes' generators
+            tensors.update({f"rng.rank{r}.{k[4:]}": v for k, v in t_r.items()})
         meta: Dict[str, Any] = {
             "format": 1, "step": self.iteration, "config_hash": self.config.hash(), "config": self.config.to_dict(),
             "optimizer": opt_m, "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped_steps,
             "sampler": self.sampler.state_dict(), "rng": rng_m, "versions": _versions(),
             "window": {"type": self.config.sampling.window.type, "iteration": self.iteration},
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "world_size": self.dist.world, "parallel": self.parallel, "sharded": sharded,
+            "rng_ranks": [m for _, m in rng_all[1:]],
         }
         if self.prm is not None:
             tensors.update({f"prm.{k}": v for k, v in self.prm.state_dict().items()})
@@ -526,11 +733,40 @@ class GRPOTrainer:
         return tensors, meta
 
     def save(self, directory: Optional[str] = None) -> str:
-        """Write a checkpoint atomically: into `directory`'s checkpoints/ (default: the run dir)."""
+        """Write a checkpoint atomically: into `directory`'s checkpoints/ (default: the run dir).
+        With several processes every one of them calls it: rank 0 writes (with every process's
+        generator states); under FSDP each writes its shards first. The checkpoint is complete, and
+        `latest` names it, only once every process has written its part."""
         root = directory if directory is not None else self.run_dir
         if root is None:
             raise ValueError("save needs a directory (the trainer has no run_dir)")
-        tensors, meta = self.state()
+        d = self.dist
+        ckpt_root = os.path.join(root, "checkpoints")
+        rng_all = d.all_gather_object(ckpt.rng_state())
+        tmp = None
+        if self.parallel == "fsdp":
+            done = os.path.isfile(os.path.join(ckpt_root, f"step-{self.iteration:06d}", "state.json"))
+            if not d.broadcast_object(done):
+                tmp = d.broadcast_object(ckpt.tmp_dir(ckpt_root, self.iteration) if d.main else None)
+                if d.main:
+                    if os.path.exists(tmp):
+                        shutil.rmtree(tmp)
+                    os.makedirs(tmp)
+                d.barrier()
+                self._save_sharded(os.path.join(tmp, "sharded"))
+        path, error = None, None
+        if d.main:
+            try:
+                path = self._write_checkpoint(ckpt_root, rng_all, tmp)
+            except Exception as exc:  # noqa: BLE001 -- every process raises it below
+                error = f"{type(exc).__name__}: {exc}"
+        path, error = d.broadcast_object((path, error))  # also the barrier: nobody runs ahead of the write
+        if error is not None:
+            raise RuntimeError(f"writing the checkpoint of iteration {self.iteration} failed on rank 0: {error}")
+        return path
+
+    def _write_checkpoint(self, ckpt_root: str, rng_all, tmp: Optional[str]) -> str:
+        tensors, meta = self.state(rng_all)
         lora = self.config.model.lora is not None
 
         def extra(tmp):
@@ -544,19 +780,58 @@ class GRPOTrainer:
                 with open(os.path.join(tmp, "network_config.json"), "w") as f:
                     json.dump({k: v for k, v in dict(net.config).items()}, f, indent=1, default=list)
 
-        return ckpt.save_checkpoint(os.path.join(root, "checkpoints"), self.iteration, tensors, meta, extra,
-                                    keep=self.config.checkpoint.keep)
+        return ckpt.save_checkpoint(ckpt_root, self.iteration, tensors, meta, extra,
+                                    keep=self.config.checkpoint.keep, tmp=tmp)
+
+    def _sharded_state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        nets = torch.nn.ModuleList(self.nets)
+        model_sd, optim_sd = get_state_dict(nets, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        if self.ema is not None:
+            state["ema"] = dict(zip(self.ema.names, self.ema.shadow))
+        return nets, state
+
+    def _save_sharded(self, path: str) -> None:
+        """torch.distributed.checkpoint of the sharded weights, optimizer and EMA (every process
+        writes its shards; loadable on another world size)."""
+        import torch.distributed.checkpoint as dcp
+
+        _, state = self._sharded_state()
+        dcp.save(state, checkpoint_id=path)
+
+    def _load_sharded(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        nets, state = self._sharded_state()
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(nets, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if self.ema is not None:
+            with torch.no_grad():
+                for shadow, value in zip(self.ema.shadow, state["ema"].values()):
+                    if value is not shadow:
+                        shadow.copy_(value)
 
     def load_state(self, path: str) -> None:
         tensors, meta = ckpt.load_checkpoint(path)
-        with torch.no_grad():
-            for n, p in self.named_params:
-                if f"model.{n}" not in tensors:
-                    raise ValueError(f"checkpoint {path} has no weights for {n}: it was written for another model")
-                p.copy_(tensors[f"model.{n}"])
-        ckpt.unflatten_optimizer(self.optimizer, tensors, meta["optimizer"], "optimizer")
-        if self.ema is not None:
-            self.ema.load(tensors)
+        sharded = bool(meta.get("sharded"))
+        if self.parallel == "fsdp" and not sharded:
+            raise ValueError(f"checkpoint {path} holds whole weights (written by one process or under 'ddp'); resume "
+                             "it with train.parallel 'ddp' or on one process (a sharded checkpoint loads on any "
+                             "world size and mode)")
+        if sharded:  # torch.distributed.checkpoint reshards to this run's layout (or to whole tensors)
+            self._load_sharded(os.path.join(path, "sharded"))
+        else:
+            with torch.no_grad():
+                for n, p in self.named_params:
+                    if f"model.{n}" not in tensors:
+                        raise ValueError(f"checkpoint {path} has no weights for {n}: it was written for another model")
+                    p.copy_(tensors[f"model.{n}"])
+            ckpt.unflatten_optimizer(self.optimizer, tensors, meta["optimizer"], "optimizer")
+            if self.ema is not None:
+                self.ema.load(tensors)
         if self.scaler is not None and meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
         if "prm" in meta:
@@ -570,7 +845,12 @@ class GRPOTrainer:
         self.iteration = int(meta["step"])
         self.optimizer_steps = int(meta["optimizer_steps"])
         self.skipped_steps = int(meta["skipped_steps"])
-        ckpt.set_rng_state(tensors, meta["rng"])
+        r = self.dist.rank
+        if 0 < r <= len(meta.get("rng_ranks", [])):  # this rank's own generators, when the run had this rank
+            own = {f"rng.{k[len(f'rng.rank{r}.'):]}": v for k, v in tensors.items() if k.startswith(f"rng.rank{r}.")}
+            ckpt.set_rng_state(own, meta["rng_ranks"][r - 1])
+        else:
+            ckpt.set_rng_state(tensors, meta["rng"])
 
     @classmethod
     def resume(cls, run_dir: str, pipe=None, reward=None, config: Union[Config, str, Dict[str, Any], None] = None,
@@ -597,6 +877,8 @@ class GRPOTrainer:
             step = json.load(f)["step"]
         trainer = cls(pipe, reward, cfg, run_dir=run_dir, _resuming=True, **kwargs)
         trainer.load_state(path)
+        if not trainer.dist.main:  # rank 0 owns the run directory's files
+            return trainer
         _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
         if config is not None:
             head = {"config_hash": cfg.hash(), **{f"version {k}": v for k, v in _versions().items()}}
@@ -606,6 +888,10 @@ class GRPOTrainer:
                 f.write(ckpt_text)
             os.replace(tmp, cfg_path)
         return trainer
+
+
+def replace_rewards(outputs: RewardOutputs, rewards: Tensor) -> RewardOutputs:
+    return dataclasses.replace(outputs, rewards=rewards)
 
 
 def _to_host(tensors: List[Tensor]) -> List[float]:
