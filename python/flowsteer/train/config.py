@@ -639,12 +639,17 @@ def describe_batch(cfg: Config, world_size: int = 1) -> str:
     ])
 
 
+# how a run is executed, not what it computes (to fp32 rounding): free to change on resume
+EXECUTION_KEYS = ("logging.", "distributed.", "scoring.", "train.parallel")
+
+
 def diff_configs(a: Config, b: Config, allowed: Sequence[str] = ("train.iterations",)) -> List[str]:
-    """Dotted keys whose values differ between a and b, except the allowed ones and logging."""
+    """Dotted keys whose values differ between a and b, except the allowed ones, the description and
+    the execution keys (logging, distributed, scoring, train.parallel)."""
     fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
     keys = sorted(set(fa) | set(fb))
     return [k for k in keys if fa.get(k) != fb.get(k) and k not in allowed
-            and not k.startswith("logging.") and k != "description"]
+            and not k.startswith(EXECUTION_KEYS) and k != "description"]
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -869,7 +869,7 @@ class GRPOTrainer:
             diff = diff_configs(saved, new)
             if diff:
                 raise ConfigError(f"resuming {run_dir} with a config that changes the run: {', '.join(diff)} differ "
-                                  "(only train.iterations may change)")
+                                  "(only train.iterations, logging, distributed, scoring and train.parallel may change)")
             cfg = new
         else:
             cfg = saved
