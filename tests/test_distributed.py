@@ -70,7 +70,7 @@ def _rows(run_dir):
 
 
 def _assert_same_metrics(a_dir, b_dir, keys=("reward/", "advantage/", "loss", "kl", "approx_kl", "grad_norm",
-                                              "zero_std_group_frac", "trained_samples", "ratio/mean")):
+                                              "zero_std_group_frac", "trained_samples", "ratio/mean", "eval/")):
     a, b = _rows(a_dir), _rows(b_dir)
     assert [r["iteration"] for r in a] == [r["iteration"] for r in b]
     checked = 0
@@ -87,17 +87,8 @@ def _assert_same_metrics(a_dir, b_dir, keys=("reward/", "advantage/", "loss", "k
 
 def _whole_weights(run_dir):
     """{name: tensor} of the trained weights of the latest checkpoint, whole or sharded."""
-    path = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
-    tensors, meta = ckpt.load_checkpoint(path)
-    if not meta.get("sharded"):
-        return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = os.path.join(run_dir, "whole.pt")
-    dcp_to_torch_save(os.path.join(path, "sharded"), out)
-    model = torch.load(out, weights_only=False)["model"]
-    # get_state_dict names them after a ModuleList of the networks: "0.x" is net0's "x"
-    return {f"net{k.split('.', 1)[0]}.{k.split('.', 1)[1]}": v for k, v in model.items()}
+    tensors = ckpt.whole_tensors(ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints")))
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
 def _assert_same_weights(a_dir, b_dir, rel=1e-5):
@@ -113,10 +104,16 @@ def _assert_same_weights(a_dir, b_dir, rel=1e-5):
 # ------------------------------------------------------------------------------- torchrun
 
 
+# held-out evaluation every 2 iterations: 3 chunks of 1 prompt over 2 processes (one does two)
+EVAL = ("prompts.eval=[a red circle, a cat, a green star]", "eval.every=2", "eval.batch_size=1", "eval.num_steps=2")
+
+
 def test_two_processes_equal_one_lora_ddp(tmp_path):
     _config(tmp_path)
-    _train(tmp_path, 1, "one")
-    res = _train(tmp_path, 2, "two")
+    _train(tmp_path, 1, "one", *EVAL)
+    res = _train(tmp_path, 2, "two", *EVAL)
+    assert "eval/reward/brightness" in _rows(tmp_path / "two")[1]
+    assert os.path.isfile(tmp_path / "two" / "samples" / "eval-000002.png")
     assert "2 process(es)" in res.stdout
     _assert_same_metrics(tmp_path / "one", tmp_path / "two")
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
@@ -125,8 +122,8 @@ def test_two_processes_equal_one_lora_ddp(tmp_path):
     meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path / "two" / "checkpoints")))[1]
     assert meta["world_size"] == 2 and meta["parallel"] == "ddp" and len(meta["rng_ranks"]) == 1
     # resumed on one process after the 2-process run's first iteration: the same run
-    _train(tmp_path, 2, "part", "train.iterations=1")
-    _train(tmp_path, 1, "part", resume=True)
+    _train(tmp_path, 2, "part", "train.iterations=1", *EVAL)
+    _train(tmp_path, 1, "part", *EVAL, resume=True)
     _assert_same_metrics(tmp_path / "one", tmp_path / "part")
     _assert_same_weights(tmp_path / "one", tmp_path / "part")
 
@@ -152,14 +149,14 @@ def test_split_groups_are_normalised_as_one_group_with_a_pairwise_judge(tmp_path
 
 def test_fsdp_full_finetune_equals_one_process_and_resumes_on_one(tmp_path):
     _config(tmp_path, lora=False, extra="")
-    _train(tmp_path, 1, "one")
-    _train(tmp_path, 2, "two", "train.parallel=fsdp")
+    _train(tmp_path, 1, "one", *EVAL)
+    _train(tmp_path, 2, "two", "train.parallel=fsdp", *EVAL)  # the process short of an eval chunk joins anyway
     meta = ckpt.load_checkpoint(ckpt.latest_checkpoint(str(tmp_path / "two" / "checkpoints")))[1]
     assert meta["sharded"] and meta["parallel"] == "fsdp"
     _assert_same_metrics(tmp_path / "one", tmp_path / "two")
     _assert_same_weights(tmp_path / "one", tmp_path / "two")
-    _train(tmp_path, 2, "part", "train.parallel=fsdp", "train.iterations=1")
-    _train(tmp_path, 1, "part", resume=True)
+    _train(tmp_path, 2, "part", "train.parallel=fsdp", "train.iterations=1", *EVAL)
+    _train(tmp_path, 1, "part", *EVAL, resume=True)
     _assert_same_metrics(tmp_path / "one", tmp_path / "part")
     _assert_same_weights(tmp_path / "one", tmp_path / "part")
 

@@ -472,3 +472,27 @@ def test_pipeline_size_and_model_errors():
     r = flowsteer.sample(sd3, PROMPTS, num_steps=2, height=16, width=16, decode=False)
     with pytest.raises(TypeError, match="pass the pipeline that holds it"):
         flowsteer.evaluate(r, 0, ref_model=sd3.transformer)
+
+
+@pytest.mark.parametrize("extra", [{}, {"same_noise": True}, {"window": Branch(1)}], ids=["plain", "same_noise", "branch"])
+def test_noise_keys_give_each_sample_its_noise_whatever_the_batch(extra):
+    """With NoiseKeys a sample is the same whichever call draws it: the first two prompts alone,
+    or members 2-3 of every group (a group split over processes), equal those rows of the whole
+    batch (to the transformer's batch-size rounding; the noise itself is identical)."""
+    pipe = pipelines.tiny_sd3_pipeline(0)
+    prompts = ["a red circle", "two blue squares", "a green star", "a cat"]
+    kw = dict(num_steps=4, height=16, width=16, decode=False, seed=7, guidance_scale=1.0, **extra)
+    full = flowsteer.sample(pipe, prompts, group_size=4, noise_keys=flowsteer.NoiseKeys(range(4)), **kw)
+    head = flowsteer.sample(pipe, prompts[:2], group_size=4, noise_keys=flowsteer.NoiseKeys((0, 1)), **kw)
+    split = flowsteer.sample(pipe, prompts, group_size=2, noise_keys=flowsteer.NoiseKeys(range(4), first_member=2), **kw)
+    rows = torch.tensor([p * 4 + j for p in range(4) for j in (2, 3)])
+    for part, idx in ((head, torch.arange(8)), (split, rows)):
+        torch.testing.assert_close(part.final_latents, full.final_latents[idx], rtol=0, atol=1e-5)
+        torch.testing.assert_close(part.log_probs, full.log_probs[idx], rtol=0, atol=1e-5)
+    # other prompt ids: other noise
+    other = flowsteer.sample(pipe, prompts[:2], group_size=4, noise_keys=flowsteer.NoiseKeys((5, 6)), **kw)
+    assert (other.final_latents - head.final_latents).abs().max() > 0.1
+    with pytest.raises(ValueError, match=r"noise_keys.prompt_ids has 3 ids for 2 prompts"):
+        flowsteer.sample(pipe, prompts[:2], noise_keys=flowsteer.NoiseKeys((0, 1, 2)), **kw)
+    with pytest.raises(ValueError, match=r"noise_keys.prompt_ids\[1\] must be an int >= 0"):
+        flowsteer.NoiseKeys((0, -1))

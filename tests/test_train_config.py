@@ -207,20 +207,23 @@ def test_batch_arithmetic_and_describe_batch():
 
 
 def test_batch_arithmetic_world_size_split():
+    # train.batch_size is global: 8 samples in minibatches of 2 are 4 optimizer steps on any world size
     a = batch_arithmetic(small("train.batch_size=2"), world_size=2)
-    assert (a["samples_per_rank"], a["minibatches"], a["optimizer_steps"]) == (4, 2, 2)
+    assert (a["samples_per_rank"], a["minibatches"], a["optimizer_steps"]) == (4, 4, 4)
 
 
 def test_batch_arithmetic_world_size_that_does_not_divide():
     cfg = small()
-    with pytest.raises(ConfigError, match=r"2 x 4 = 8 samples do not split over 3 processes \(8 % 3 = 2\)"):
+    with pytest.raises(ConfigError, match=r"prompts_per_iteration \(2\) must divide by the world size \(3\): "
+                                          r"2 % 3 = 2"):
         batch_arithmetic(cfg, world_size=3)
+    with pytest.raises(ConfigError, match=r"group_size \(4\) must divide by the world size \(3\)"):
+        batch_arithmetic(small("distributed.groups=split"), world_size=3)
 
 
-def test_batch_arithmetic_batch_size_larger_than_per_rank_share_raises():
-    cfg = small("train.batch_size=8")  # valid for one process: 8 % 8 == 0
-    with pytest.raises(ConfigError, match=r"batch_size"):
-        batch_arithmetic(cfg, world_size=2)  # 4 samples per process cannot fill a minibatch of 8
+def test_batch_arithmetic_a_global_minibatch_may_exceed_a_process_share():
+    a = batch_arithmetic(small("train.batch_size=8"), world_size=2)  # each process back-propagates its 4
+    assert (a["samples_per_rank"], a["minibatches"]) == (4, 1)
 
 
 # ---------------------------------------------------------------------------------- overrides

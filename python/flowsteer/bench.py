@@ -426,7 +426,10 @@ def fixed_batch(trainer):
     prompts, its current weights), without training on it or advancing the trainer."""
     P = trainer.config.train.prompts_per_iteration
     idx = copy.deepcopy(trainer.sampler).next(P)
-    rollout = trainer._rollout([trainer.train_prompts[i] for i in idx])
+    from .sampler import NoiseKeys
+
+    rollout = trainer._rollout([trainer.train_prompts[i] for i in idx], NoiseKeys(tuple(range(P))),
+                               trainer.config.sampling.group_size)
     outputs = trainer._score(trainer.reward, rollout, rollout.prompts, None)
     outcome = trainer._advantages(outputs, rollout.group_ids).to(trainer.device)
     return rollout, trainer.algorithm.advantages(trainer, outcome, rollout)

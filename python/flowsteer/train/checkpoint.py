@@ -172,6 +172,26 @@ def load_checkpoint(path: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     return load_file(os.path.join(path, "state.safetensors")), meta
 
 
+def whole_tensors(path: str) -> Dict[str, Tensor]:
+    """The weights ("model.netK.x") and EMA ("ema.netK.x") of a checkpoint as whole tensors, also
+    when an FSDP run wrote them sharded (read in one process, no process group needed)."""
+    tensors, meta = load_checkpoint(path)
+    if not meta.get("sharded"):
+        return tensors
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "whole.pt")
+        dcp_to_torch_save(os.path.join(path, "sharded"), out)
+        state = torch.load(out, weights_only=True)
+    # the sharded state names the networks after a ModuleList of them: "0.x" is net0's "x"
+    whole = {f"model.net{k}": v for k, v in state["model"].items()}
+    whole.update({f"ema.{k}": v for k, v in state.get("ema", {}).items()})
+    return whole
+
+
 # ----------------------------------------------------------------------- state (de)flattening
 
 

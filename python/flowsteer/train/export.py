@@ -25,7 +25,7 @@ def export_run(run_dir: str, out: str, ema: bool = False) -> str:
         return path
     from safetensors.torch import save_file
 
-    tensors, meta = ckpt.load_checkpoint(path)
+    tensors = ckpt.whole_tensors(path)
     prefix = "ema.net0." if ema else "model.net0."
     weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not weights:

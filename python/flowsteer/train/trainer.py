@@ -28,16 +28,16 @@ from ..rewards.multi import check_weighted_finite
 from ..sampler import NoiseKeys, sample
 from ..sampler import evaluate as evaluate_step
 from . import checkpoint as ckpt
+from . import parallel as par
 from .algorithms import grouped_advantages, make_algorithm
 from .config import Config, ConfigError, diff_configs, dump_yaml, load_config, num_trained
 from .data import PromptSampler, load_prompts
 from .distributed import Dist, Layout, env_world_size, gather_rows
-from . import parallel as par
-from .scoring import RewardScorer, cat_rollouts
 from .images import image_stats, write_grid
 from .models import (EMA, add_lora, load_pipeline, make_adapter, networks_of, reference_model, save_lora,
                      trainable_parameters)
 from .rewards import build_multi_reward
+from .scoring import RewardScorer, cat_rollouts
 
 Tensor = torch.Tensor
 # metrics that measure the machine, not the run: excluded when a resumed run is compared
