@@ -31,7 +31,7 @@ def run(nproc: int, args, workdir: str) -> float:
     else:
         sets += ["model.path=testing:sd3", "model.dtype=float32", "train.mixed_precision=fp32",
                  "model.max_sequence_length=8", "sampling.height=32", "sampling.width=32", "model.lora.rank=4",
-                 "model.lora.alpha=8"]
+                 "model.lora.alpha=8", "rewards={flowsteer.testing.rewards.brightness: 1}"]
     sets += ["prompts.train=[a red circle, two blue squares, a green star, a cat on a mat]"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd = launcher + ["-m", "flowsteer", "train", args.recipe, "--output-dir", out]
@@ -39,7 +39,8 @@ def run(nproc: int, args, workdir: str) -> float:
         cmd += ["--set", s]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        sys.exit(f"{nproc} process(es) failed:\n{res.stderr[-3000:]}")
+        said = [line for line in res.stderr.splitlines() if line.startswith("flowsteer")]
+        sys.exit(f"{nproc} process(es) failed:\n" + ("\n".join(said) or res.stderr[-3000:]))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()][args.warmup:]
     per_iteration = statistics.median(r["time/total"] for r in rows)
@@ -49,7 +50,8 @@ def run(nproc: int, args, workdir: str) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="process counts (default 1 2)")
-    ap.add_argument("--model", default=None, help="a local diffusers pipeline directory (default: tiny SD3)")
+    ap.add_argument("--model", default=None, help="a local diffusers pipeline directory (default: tiny SD3 with a "
+                    "brightness reward; with --model, the recipe's rewards, or --set rewards=...)")
     ap.add_argument("--recipe", default="flow_grpo", help="the recipe (default flow_grpo)")
     ap.add_argument("--prompts", type=int, default=2, help="prompts per process per iteration (default 2)")
     ap.add_argument("--group-size", type=int, default=8, help="samples per prompt (default 8)")
