@@ -4,7 +4,7 @@ import torch
 
 import flowsteer
 from flowsteer.ops import advantages as adv_mod, sde as sde_mod
-from flowsteer.ops._launch import KIND_CODE
+from flowsteer.ops.codes import KIND_CODE
 
 
 def _sde_args(device, prev=False, guidance=False, ref=False, kind="flow", dtype=torch.float32):

@@ -14,12 +14,7 @@ import torch
 from .. import _backend
 from . import reference
 
-DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-KIND_CODE = {"ode": 0, "flow": 1, "dance": 2, "cps": 3}
-KIND_NAME = {code: name for name, code in KIND_CODE.items()}
-LP_FORM = {"exact": 0, "flow_grpo": 1}
-KL_FORM = {None: 0, "flow_grpo": 1, "exact": 2}
-STD_MODE = {"group": 0, "global": 1, "none": 2}
+from .codes import DTYPE_CODE, KIND_CODE, KIND_NAME, KL_FORM, LP_FORM, STD_MODE  # noqa: F401
 
 Tensor = torch.Tensor
 
@@ -45,7 +40,7 @@ def _empty(*shape, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
 
 def _require_nonempty(op: str, name: str, t: Tensor) -> None:
     """A backstop for direct calls of the registered ops (torch.ops.flowsteer.*), which skip the
-    public functions' checks (_checks.check_batch): every backend refuses an empty batch alike,
+    public functions' checks (checks.check_batch): every backend refuses an empty batch alike,
     before any kernel sees a null pointer or a zero-sized grid."""
     if t.ndim == 0 or t.shape[0] == 0 or t.numel() == 0:
         raise ValueError(f"{op}: {name} must hold at least one sample and one element per sample "

@@ -7,8 +7,8 @@ import torch
 
 from .. import _backend
 from . import _launch, reference
-from ._checks import check_batch, check_choice, check_tensor
-from ._launch import STD_MODE
+from .checks import check_batch, check_choice, check_tensor
+from .codes import STD_MODE
 
 Tensor = torch.Tensor
 

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from . import reference
-from ._checks import check_batch, check_real, check_tensor
+from .checks import check_batch, check_real, check_tensor
 
 Tensor = torch.Tensor
 

@@ -8,9 +8,9 @@ import torch
 
 from .. import _backend
 from . import _launch
-from ._checks import (SEED_LIMIT, check_batch, check_choice, check_guidance_scale, check_kind_and_noise, check_seed,
+from .checks import (SEED_LIMIT, check_batch, check_choice, check_guidance_scale, check_kind_and_noise, check_seed,
                       check_sigmas, check_tensor)
-from ._launch import KIND_CODE, KL_FORM, LP_FORM
+from .codes import KIND_CODE, KL_FORM, LP_FORM
 
 Tensor = torch.Tensor
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..ops._checks import values_checkable
+from ..ops.checks import values_checkable
 
 Tensor = torch.Tensor
 RewardValue = Union[Tensor, Dict[str, Tensor]]

@@ -8,8 +8,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from ..ops import guidance_coefficient, sde_step
-from ..ops._checks import SEED_LIMIT, check_choice, check_kind_and_noise, check_seed
-from ..ops._launch import KIND_CODE, LP_FORM
+from ..ops.checks import SEED_LIMIT, check_choice, check_kind_and_noise, check_seed
+from ..ops.codes import KIND_CODE, LP_FORM
 from .adapters import ModelAdapter, as_adapter
 from .windows import SDEWindow, as_window
 
