@@ -10,7 +10,7 @@ same comparison in one run.
 """
 import pytest
 
-from flowsteer import _backend
+from flowsteer.ops import backends as _backend
 from flowsteer.bench import (bench_trainer, check_research_step_matches, fixed_batch, research_step_settings,
                              research_train_step, trainer_snapshot)
 from flowsteer.testing.pipelines import tiny_sd3_pipeline

@@ -71,7 +71,8 @@ def main() -> int:
     import torch
 
     import flowsteer
-    from flowsteer.ops import _launch, reference as R
+    from flowsteer.ops import reference as R
+    from flowsteer.ops.backends import torch as torch_backend
 
     device = torch.device(args.device)
     info = flowsteer.backend_info()
@@ -207,7 +208,7 @@ def main() -> int:
             # Compared with the torch backend's vectorised statement (tested against the reference's
             # pairwise loop in tests/test_advantages.py, which is too slow at this size).
             same = bool(torch.equal(flowsteer.ops.pareto_mask(rw.to(device), ids.to(device)).cpu(),
-                                    _launch._torch_pareto(rw, ids).bool()))
+                                    _torch_pareto(torch_backend, rw, ids)))
             ok = e < 1e-6 and same
             RESULTS["checks"].append(dict(backend=name, op="win_rate+pareto_mask", err=e, pareto_equal=same, ok=ok))
             log(f"check {name:6s} win_rate rel err {e:.1e}, pareto_mask {'equal' if same else 'DIFFERENT'} "
@@ -352,6 +353,15 @@ def main() -> int:
     failed = [c for c in RESULTS["checks"] if not c["ok"]]
     log(f"checks: {len(RESULTS['checks']) - len(failed)} ok, {len(failed)} failed")
     return 1 if failed else 0
+
+
+def _torch_pareto(torch_backend, rewards, group_ids):
+    """The torch backend's vectorised Pareto mask, as a bool tensor."""
+    import torch
+
+    out = torch.empty(rewards.shape[0], dtype=torch.uint8)
+    torch_backend.pareto_mask(rewards, group_ids, out)
+    return out.bool()
 
 
 def _eval_kernel(flowsteer, v, x, prev):

@@ -69,20 +69,41 @@ class Kw {
   const char* op_;
 };
 
-void check_common(const char* op, int64_t batch, int64_t numel, int dtype, int kind, int lp_form, int kl_form) {
+void check_sizes(const char* op, int64_t batch, int64_t numel, int dtype) {
   const std::string name(op);
   if (batch < 0 || numel < 0) throw std::invalid_argument(name + ": batch and numel must be >= 0");
   if (dtype < kFloat32 || dtype > kFloat16) throw std::invalid_argument(name + ": dtype code must be 0, 1 or 2 (got " + std::to_string(dtype) + ")");
-  if (kind < kOde || kind > kCps) throw std::invalid_argument(name + ": kind code must be 0..3 (got " + std::to_string(kind) + ")");
-  if (lp_form < kGaussian || lp_form > kCpsFlowGrpo) throw std::invalid_argument(name + ": lp_form must be 0 or 1");
-  if (kl_form < kKlNone || kl_form > kKlExact) throw std::invalid_argument(name + ": kl_form must be 0, 1 or 2");
+}
+
+void check_range(const char* op, const char* key, double value, double lo, double hi) {
+  if (hi < lo || (value >= lo && value <= hi)) return;
+  throw std::invalid_argument(std::string(op) + ": '" + key + "' must be in [" + std::to_string(lo) + ", " +
+                              std::to_string(hi) + "] (got " + std::to_string(value) + ")");
+}
+
+// The step's keywords: the argument names of the op plus every FLOWSTEER_SDE_OPTIONS name.
+std::set<std::string> with_options(std::set<std::string> names) {
+#define FLOWSTEER_OPTION_NAME(type, name, init, lo, hi) names.insert(#name);
+  FLOWSTEER_SDE_OPTIONS(FLOWSTEER_OPTION_NAME)
+#undef FLOWSTEER_OPTION_NAME
+  return names;
+}
+
+// Every FLOWSTEER_SDE_OPTIONS field of `a` from its keyword (its default when absent), checked.
+template <typename Args>
+void read_options(const Kw& k, const char* op, Args& a) {
+#define FLOWSTEER_READ_OPTION(type, name, init, lo, hi) \
+  a.name = k.get<type>(#name, init);                   \
+  check_range(op, #name, double(a.name), double(lo), double(hi));
+  FLOWSTEER_SDE_OPTIONS(FLOWSTEER_READ_OPTION)
+#undef FLOWSTEER_READ_OPTION
 }
 
 SdeForwardArgs forward_args(const py::kwargs& kw) {
   Kw k(kw, "sde_forward",
-       {"v", "x", "noise", "prev_sample", "guidance", "ref_v", "sigma", "sigma_next", "guidance_coef", "out_sample",
-        "out_mean", "out_log_prob", "out_std", "out_kl", "workspace", "batch", "numel", "dtype", "kind", "lp_form",
-        "kl_form", "reduce_mean", "lp_guided", "noise_level", "sigma_max", "seed", "offset", "stream"});
+       with_options({"v", "x", "noise", "prev_sample", "guidance", "ref_v", "sigma", "sigma_next", "guidance_coef",
+                     "out_sample", "out_mean", "out_log_prob", "out_std", "out_kl", "workspace", "batch", "numel",
+                     "dtype", "stream"}));
   SdeForwardArgs a;
   a.v = k.ptr<const void>("v", true);
   a.x = k.ptr<const void>("x", true);
@@ -102,25 +123,17 @@ SdeForwardArgs forward_args(const py::kwargs& kw) {
   a.batch = k.required<int64_t>("batch");
   a.numel = k.required<int64_t>("numel");
   a.dtype = k.required<int>("dtype");
-  a.kind = k.required<int>("kind");
-  a.lp_form = k.get<int>("lp_form", kGaussian);
-  a.kl_form = k.get<int>("kl_form", a.ref_v ? kKlFlowGrpo : kKlNone);
-  a.reduce_mean = k.get<bool>("reduce_mean", true);
-  a.lp_guided = k.get<bool>("lp_guided", false);
-  a.noise_level = k.get<float>("noise_level", 0.0f);
-  a.sigma_max = k.get<float>("sigma_max", 0.0f);
-  a.seed = k.get<uint64_t>("seed", 0);
-  a.offset = k.get<uint64_t>("offset", 0);
-  check_common("sde_forward", a.batch, a.numel, a.dtype, a.kind, a.lp_form, a.kl_form);
+  read_options(k, "sde_forward", a);
+  check_sizes("sde_forward", a.batch, a.numel, a.dtype);
   if (a.ref_v && a.kl_form == kKlNone) throw std::invalid_argument("sde_forward: ref_v given with kl_form 0");
   return a;
 }
 
 SdeBackwardArgs backward_args(const py::kwargs& kw) {
   Kw k(kw, "sde_backward",
-       {"v", "x", "sample", "guidance", "ref_v", "sigma", "sigma_next", "guidance_coef", "grad_log_prob", "grad_kl",
-        "grad_mean", "grad_sample", "grad_v", "grad_x", "grad_ref_v", "batch", "numel", "dtype", "kind", "lp_form",
-        "kl_form", "reduce_mean", "lp_guided", "noise_level", "sigma_max", "stream"});
+       with_options({"v", "x", "sample", "guidance", "ref_v", "sigma", "sigma_next", "guidance_coef", "grad_log_prob",
+                     "grad_kl", "grad_mean", "grad_sample", "grad_v", "grad_x", "grad_ref_v", "batch", "numel", "dtype",
+                     "stream"}));
   SdeBackwardArgs a;
   a.v = k.ptr<const void>("v", true);
   a.x = k.ptr<const void>("x", true);
@@ -140,14 +153,8 @@ SdeBackwardArgs backward_args(const py::kwargs& kw) {
   a.batch = k.required<int64_t>("batch");
   a.numel = k.required<int64_t>("numel");
   a.dtype = k.required<int>("dtype");
-  a.kind = k.required<int>("kind");
-  a.lp_form = k.get<int>("lp_form", kGaussian);
-  a.kl_form = k.get<int>("kl_form", a.ref_v ? kKlFlowGrpo : kKlNone);
-  a.reduce_mean = k.get<bool>("reduce_mean", true);
-  a.lp_guided = k.get<bool>("lp_guided", false);
-  a.noise_level = k.get<float>("noise_level", 0.0f);
-  a.sigma_max = k.get<float>("sigma_max", 0.0f);
-  check_common("sde_backward", a.batch, a.numel, a.dtype, a.kind, a.lp_form, a.kl_form);
+  read_options(k, "sde_backward", a);
+  check_sizes("sde_backward", a.batch, a.numel, a.dtype);
   if (a.grad_kl && a.kl_form == kKlNone) throw std::invalid_argument("sde_backward: grad_kl given with kl_form 0");
   return a;
 }
@@ -176,13 +183,13 @@ GroupAdvantageArgs advantage_args(const py::kwargs& kw) {
 }
 
 WinRateArgs win_rate_args(const py::kwargs& kw) {
-  Kw k(kw, "win_rate", {"prefs", "out", "m", "g", "stream"});
+  Kw k(kw, "win_rate", {"prefs", "out", "m", "group_size", "stream"});
   WinRateArgs a;
   a.prefs = k.ptr<const float>("prefs", true);
   a.out = k.ptr<float>("out", true);
   a.m = k.required<int64_t>("m");
-  a.g = k.required<int64_t>("g");
-  if (a.m < 0 || a.g < 2) throw std::invalid_argument("win_rate: need m >= 0 and g >= 2");
+  a.group_size = k.required<int64_t>("group_size");
+  if (a.m < 0 || a.group_size < 2) throw std::invalid_argument("win_rate: need m >= 0 and group_size >= 2");
   return a;
 }
 
@@ -215,9 +222,10 @@ void* stream_of(const py::kwargs& kw) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flowsteer compiled core: fused SDE step, log-prob, KL and group advantages (CPU and CUDA)";
-  // The binding interface's version: flowsteer/_backend.py refuses an _C whose tag differs (a
-  // stale build left behind by an upgrade). Bump it with every change to the functions' arguments.
-  m.attr("abi_version") = 2;
+  // The binding interface's version: flowsteer/ops/backends/__init__.py refuses an _C whose tag
+  // differs (a stale build left behind by an upgrade). Bump it with every change to the functions'
+  // arguments.
+  m.attr("abi_version") = 3;
   m.attr("cuda_chunk") = kCudaChunk;
   m.attr("cpu_isa") = cpu::isa();
 

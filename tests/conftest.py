@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import flowsteer  # noqa: E402
-from flowsteer import _backend  # noqa: E402
-from flowsteer.ops import _launch  # noqa: E402
+from flowsteer.ops import backends as _backend  # noqa: E402
+from flowsteer.ops.backends import _common  # noqa: E402
 
 
 def available_backends():
@@ -32,9 +32,9 @@ KERNEL_BACKENDS = [b for b in BACKENDS if b[0] != "torch"]
 
 @pytest.fixture(autouse=True)
 def _poison_and_reset():
-    _launch.POISON_OUTPUTS = True
+    _common.POISON_OUTPUTS = True
     yield
-    _launch.POISON_OUTPUTS = False
+    _common.POISON_OUTPUTS = False
     flowsteer.set_backend("auto")
 
 

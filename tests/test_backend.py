@@ -73,7 +73,7 @@ def test_environment_variable_picks_the_backend():
 def test_auto_on_cuda_prefers_triton_then_the_cuda_kernels(monkeypatch):
     """The choice for CUDA tensors, made without a GPU: Triton when it imports (measured faster on an
     H100), else the CUDA kernels of _C, else the reference."""
-    from flowsteer import _backend
+    from flowsteer.ops import backends as _backend
 
     class WithCuda:
         has_cuda = True
@@ -90,7 +90,7 @@ def test_auto_on_cuda_prefers_triton_then_the_cuda_kernels(monkeypatch):
 
 def _fresh_extension(monkeypatch, loader):
     """_backend.extension() as a new process would see it, with flowsteer._C loaded by `loader`."""
-    from flowsteer import _backend
+    from flowsteer.ops import backends as _backend
 
     monkeypatch.setattr(_backend, "_cache", {})
     real = _backend.importlib.import_module

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import flowsteer
+import flowsteer.ops.backends
 from flowsteer.ops import philox_normal, reference as R, sde_step
 
 from conftest import KERNEL_BACKENDS
@@ -82,14 +83,14 @@ def test_cpu_instruction_sets_give_the_same_bits():
     import subprocess
     import sys
 
-    C = flowsteer._backend.extension()
+    C = flowsteer.ops.backends.extension()
     if C is None or C.cpu_isa == "generic":
         pytest.skip("this build or processor has only the generic CPU kernels")
     code = (
         "import sys, torch, flowsteer\n"
         "v = torch.randn(3, 5, 33, 17, generator=torch.Generator().manual_seed(0))\n"
         "out = flowsteer.ops.sde_step(v, v * 0.5, 0.8, 0.7, 'flow', 0.7, seed=2**40 + 3, offset=9)\n"
-        "torch.save((flowsteer._backend.extension().cpu_isa, out.prev_sample, out.log_prob), sys.argv[1])\n"
+        "torch.save((flowsteer.ops.backends.extension().cpu_isa, out.prev_sample, out.log_prob), sys.argv[1])\n"
     )
     results = []
     for isa in ("generic", "auto"):

@@ -5,6 +5,13 @@ import torch
 import flowsteer
 from flowsteer.ops import advantages as adv_mod, sde as sde_mod
 from flowsteer.ops.codes import KIND_CODE
+from flowsteer.ops.options import SdeOptions
+
+
+def _options(opts, flags):
+    """A registered op's (options, scalars): the step's options, then the op's own flags."""
+    ints, floats = opts.to_op()
+    return ints + flags, floats
 
 
 def _sde_args(device, prev=False, guidance=False, ref=False, kind="flow", dtype=torch.float32):
@@ -36,7 +43,7 @@ def test_opcheck_sde_step_backward(backend):
     t = lambda: torch.randn(2, 3, 5, 4, generator=g).to(device)  # noqa: E731
     args = (t(), t(), t(), torch.tensor([0.7, 0.5], device=device), torch.tensor([0.6, 0.3], device=device), None, None,
             t(), torch.randn(2, generator=g).to(device), torch.randn(2, generator=g).to(device), t(), None,
-            [KIND_CODE["flow"], 0, 1, 1, 0, 1, 1, 1], [0.7, 0.0])
+            *_options(SdeOptions(KIND_CODE["flow"], 0.7, kl_form=1, reduce_mean=True), [1, 1, 1]))
     torch.library.opcheck(sde_mod._sde_step_backward_op, args)
 
 

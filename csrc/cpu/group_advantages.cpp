@@ -88,14 +88,14 @@ void group_advantages(const GroupAdvantageArgs& a) {
 }
 
 void win_rate(const WinRateArgs& a) {
-#pragma omp parallel for schedule(static) if (a.m * a.g * a.g >= 32768)
+#pragma omp parallel for schedule(static) if (a.m * a.group_size * a.group_size >= 32768)
   for (int64_t m = 0; m < a.m; ++m) {
-    for (int64_t i = 0; i < a.g; ++i) {
-      const float* row = a.prefs + (m * a.g + i) * a.g;
+    for (int64_t i = 0; i < a.group_size; ++i) {
+      const float* row = a.prefs + (m * a.group_size + i) * a.group_size;
       float sum = 0.0f;
-      for (int64_t j = 0; j < a.g; ++j)
+      for (int64_t j = 0; j < a.group_size; ++j)
         if (j != i) sum += pref_outcome(row[j]);
-      a.out[m * a.g + i] = sum / float(a.g - 1);
+      a.out[m * a.group_size + i] = sum / float(a.group_size - 1);
     }
   }
 }

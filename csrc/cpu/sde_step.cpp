@@ -317,15 +317,8 @@ void forward(const SdeForwardArgs& a) {
       lp_sum += lp[size_t(b * chunks + ch)];
       kl_sum += kl[size_t(b * chunks + ch)];
     }
-    const double n = double(a.numel);
-    if (a.out_log_prob) {
-      const double lp_scale = logprob_scale(a.lp_form, c.std), lp_const = logprob_const(a.lp_form, c.std);
-      a.out_log_prob[b] = float(a.reduce_mean ? -lp_sum * lp_scale / n + lp_const : -lp_sum * lp_scale + lp_const * n);
-    }
-    if (a.out_kl) {
-      const double kl_b = kl_sum / double(kl_divisor(a.kl_form, c));
-      a.out_kl[b] = float(a.reduce_mean ? kl_b / n : kl_b);
-    }
+    if (a.out_log_prob) a.out_log_prob[b] = float(finalize_log_prob(a.lp_form, c.std, lp_sum, a.numel, a.reduce_mean));
+    if (a.out_kl) a.out_kl[b] = float(finalize_kl(a.kl_form, c, kl_sum, a.numel, a.reduce_mean));
   }
 }
 
@@ -335,10 +328,9 @@ void backward_chunk(const SdeBackwardArgs& a, int64_t b, int64_t n0, int64_t n1)
   const StepCoef c = step_coef(a.kind, a.sigma[b], a.sigma_next[b], a.noise_level, a.sigma_max);
   const float cx = c.cx, cv = c.cv;
   const float cg = a.guidance ? a.guidance_coef[b] : 0.0f;
-  const float inv_n = a.reduce_mean ? 1.0f / float(a.numel) : 1.0f;
-  // d log_prob / d mean = 2 * scale * (x' - mean) per element, times the reduction weight.
-  const float w_lp = a.grad_log_prob ? a.grad_log_prob[b] * inv_n * 2.0f * logprob_scale(a.lp_form, c.std) : 0.0f;
-  const float w_kl = a.grad_kl ? a.grad_kl[b] * inv_n * 2.0f / kl_divisor(a.kl_form, c) : 0.0f;
+  const float inv_n = reduce_weight(a.reduce_mean, a.numel);
+  const float w_lp = a.grad_log_prob ? logprob_grad_weight(a.lp_form, c.std, a.grad_log_prob[b], inv_n) : 0.0f;
+  const float w_kl = a.grad_kl ? kl_grad_weight(a.kl_form, c, a.grad_kl[b], inv_n) : 0.0f;
   const int64_t base = b * a.numel;
   const auto at = [base](const void* p) { return p ? static_cast<const T*>(p) + base : nullptr; };
   const T *v = at(a.v), *x = at(a.x), *xp = a.grad_log_prob ? at(a.sample) : nullptr,
@@ -347,45 +339,45 @@ void backward_chunk(const SdeBackwardArgs& a, int64_t b, int64_t n0, int64_t n1)
   const auto out = [base](void* p) { return p ? static_cast<T*>(p) + base : nullptr; };
   T *grad_v = out(a.grad_v), *grad_x = out(a.grad_x), *grad_ref_v = out(a.grad_ref_v);
 
-  alignas(64) float xs[kTile], mean[kTile], g[kTile], g_kl[kTile], tmp[kTile];
+  alignas(64) float xs[kTile], mean[kTile], grad_of_mean[kTile], grad_of_kl[kTile], tmp[kTile];
   for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
     const int64_t n = std::min(n1, t0 + kTile) - t0;
     load_tile(x + t0, n, xs);
     load_tile(v + t0, n, tmp);
     for (int64_t i = 0; i < n; ++i) mean[i] = cx * xs[i] + cv * tmp[i];
     // Gradient with respect to the mean; the guidance shift is a constant.
-    for (int64_t i = 0; i < n; ++i) g[i] = 0.0f;
+    for (int64_t i = 0; i < n; ++i) grad_of_mean[i] = 0.0f;
     if (g_mean) {
       load_tile(g_mean + t0, n, tmp);
-      for (int64_t i = 0; i < n; ++i) g[i] += tmp[i];
+      for (int64_t i = 0; i < n; ++i) grad_of_mean[i] += tmp[i];
     }
     if (g_sample) {
       load_tile(g_sample + t0, n, tmp);
-      for (int64_t i = 0; i < n; ++i) g[i] += tmp[i];
+      for (int64_t i = 0; i < n; ++i) grad_of_mean[i] += tmp[i];
     }
     if (xp) {
       if (guide) {
         load_tile(guide + t0, n, tmp);
-        for (int64_t i = 0; i < n; ++i) g_kl[i] = mean[i] + cg * tmp[i];  // g_kl as scratch: the guided mean
+        for (int64_t i = 0; i < n; ++i) grad_of_kl[i] = mean[i] + cg * tmp[i];  // grad_of_kl as scratch: the guided mean
       } else {
-        for (int64_t i = 0; i < n; ++i) g_kl[i] = mean[i];
+        for (int64_t i = 0; i < n; ++i) grad_of_kl[i] = mean[i];
       }
       load_tile(xp + t0, n, tmp);
-      for (int64_t i = 0; i < n; ++i) g[i] += w_lp * (tmp[i] - g_kl[i]);
+      for (int64_t i = 0; i < n; ++i) grad_of_mean[i] += w_lp * (tmp[i] - grad_of_kl[i]);
     }
     // d kl / d mean. The reference mean shares cx * x, so the KL adds nothing to grad_x.
     if (ref_v) {
       load_tile(ref_v + t0, n, tmp);
-      for (int64_t i = 0; i < n; ++i) g_kl[i] = w_kl * (mean[i] - (cx * xs[i] + cv * tmp[i]));
+      for (int64_t i = 0; i < n; ++i) grad_of_kl[i] = w_kl * (mean[i] - (cx * xs[i] + cv * tmp[i]));
     } else {
-      for (int64_t i = 0; i < n; ++i) g_kl[i] = 0.0f;
+      for (int64_t i = 0; i < n; ++i) grad_of_kl[i] = 0.0f;
     }
     if (grad_v)
-      for (int64_t i = 0; i < n; ++i) S::store(grad_v + t0, i, cv * (g[i] + g_kl[i]));
+      for (int64_t i = 0; i < n; ++i) S::store(grad_v + t0, i, cv * (grad_of_mean[i] + grad_of_kl[i]));
     if (grad_x)
-      for (int64_t i = 0; i < n; ++i) S::store(grad_x + t0, i, cx * g[i]);
+      for (int64_t i = 0; i < n; ++i) S::store(grad_x + t0, i, cx * grad_of_mean[i]);
     if (grad_ref_v)
-      for (int64_t i = 0; i < n; ++i) S::store(grad_ref_v + t0, i, -cv * g_kl[i]);
+      for (int64_t i = 0; i < n; ++i) S::store(grad_ref_v + t0, i, -cv * grad_of_kl[i]);
   }
 }
 

@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "flowsteer/cuda_launch.h"
 #include "flowsteer/sde_args.h"
 #include "flowsteer/sde_math.h"
 
@@ -20,11 +21,6 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = 32 * kWarpsPerBlock;
 // gridDim.x may not exceed 2^31 - 1; a grid-stride loop takes the rest.
 constexpr int64_t kMaxGrid = int64_t(1) << 30;
-
-void check_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("flowsteer CUDA ") + kernel + ": " + cudaGetErrorString(err));
-}
 
 // Butterfly reductions: every lane ends with the same bits, since each step adds the same two
 // operands on both sides of a pair (a + b == b + a exactly).
@@ -94,14 +90,14 @@ __global__ void __launch_bounds__(kThreads) group_advantages_kernel(const GroupA
 // One thread per (m, i): the mean of row i of prefs[m] without its diagonal, summed in j order
 // as the CPU does.
 __global__ void win_rate_kernel(const WinRateArgs a) {
-  const int64_t total = a.m * a.g;
+  const int64_t total = a.m * a.group_size;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < total; r += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = r % a.g;
-    const float* row = a.prefs + r * a.g;
+    const int64_t i = r % a.group_size;
+    const float* row = a.prefs + r * a.group_size;
     float sum = 0.0f;
-    for (int64_t j = 0; j < a.g; ++j)
+    for (int64_t j = 0; j < a.group_size; ++j)
       if (j != i) sum += pref_outcome(row[j]);
-    a.out[r] = sum / float(a.g - 1);
+    a.out[r] = sum / float(a.group_size - 1);
   }
 }
 
@@ -126,7 +122,7 @@ __global__ void pareto_kernel(const ParetoArgs a) {
 
 void win_rate(const WinRateArgs& a, void* stream) {
   if (a.m <= 0) return;
-  const int64_t grid = std::min((a.m * a.g + kThreads - 1) / kThreads, kMaxGrid);
+  const int64_t grid = std::min((a.m * a.group_size + kThreads - 1) / kThreads, kMaxGrid);
   win_rate_kernel<<<unsigned(grid), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
   check_launch("win_rate");
 }

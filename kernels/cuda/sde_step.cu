@@ -13,6 +13,7 @@
 #include <string>
 
 #include "flowsteer/philox.h"
+#include "flowsteer/cuda_launch.h"
 #include "flowsteer/sde_args.h"
 #include "flowsteer/sde_math.h"
 
@@ -36,11 +37,6 @@ constexpr int kNoiseGroups = int(kCudaChunk / 4) + 1;
 constexpr int64_t kMaxGridY = 65535;
 // gridDim.x may not exceed 2^31 - 1; grid-stride loops take the rest.
 constexpr int64_t kMaxGridX = int64_t(1) << 30;
-
-void check_launch(const char* kernel) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("flowsteer CUDA ") + kernel + ": " + cudaGetErrorString(err));
-}
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
@@ -189,16 +185,8 @@ __global__ void __launch_bounds__(32) sde_forward_finalize_kernel(const SdeForwa
     if (lane == 0) {
       const StepCoef c = step_coef(a.kind, a.sigma[b], a.sigma_next[b], a.noise_level, a.sigma_max);
       if (a.out_std) a.out_std[b] = c.std;
-      const double n = double(a.numel);
-      if (a.out_log_prob) {
-        const double lp_sum = -lp * double(logprob_scale(a.lp_form, c.std));
-        const double lp_const = logprob_const(a.lp_form, c.std);
-        a.out_log_prob[b] = float(a.reduce_mean ? lp_sum / n + lp_const : lp_sum + lp_const * n);
-      }
-      if (a.out_kl) {
-        const double kl_b = kl / double(kl_divisor(a.kl_form, c));
-        a.out_kl[b] = float(a.reduce_mean ? kl_b / n : kl_b);
-      }
+      if (a.out_log_prob) a.out_log_prob[b] = float(finalize_log_prob(a.lp_form, c.std, lp, a.numel, a.reduce_mean));
+      if (a.out_kl) a.out_kl[b] = float(finalize_kl(a.kl_form, c, kl, a.numel, a.reduce_mean));
     }
   }
 }
@@ -213,10 +201,9 @@ __global__ void __launch_bounds__(kThreads) sde_backward_kernel(const SdeBackwar
   for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     const StepCoef c = step_coef(a.kind, a.sigma[b], a.sigma_next[b], a.noise_level, a.sigma_max);
     const float cg = a.guidance ? a.guidance_coef[b] : 0.0f;
-    const float inv_n = a.reduce_mean ? 1.0f / float(a.numel) : 1.0f;
-    // d log_prob / d mean = 2 * scale * (x' - mean) per element, times the reduction weight.
-    const float w_lp = a.grad_log_prob ? a.grad_log_prob[b] * inv_n * 2.0f * logprob_scale(a.lp_form, c.std) : 0.0f;
-    const float w_kl = a.grad_kl ? a.grad_kl[b] * inv_n * 2.0f / kl_divisor(a.kl_form, c) : 0.0f;
+    const float inv_n = reduce_weight(a.reduce_mean, a.numel);
+    const float w_lp = a.grad_log_prob ? logprob_grad_weight(a.lp_form, c.std, a.grad_log_prob[b], inv_n) : 0.0f;
+    const float w_kl = a.grad_kl ? kl_grad_weight(a.kl_form, c, a.grad_kl[b], inv_n) : 0.0f;
     // Pointers at element n0 of sample b; t below is the element's index within the chunk.
     const int64_t start = b * a.numel + n0;
     const T* v = static_cast<const T*>(a.v) + start;
@@ -257,19 +244,19 @@ __global__ void __launch_bounds__(kThreads) sde_backward_kernel(const SdeBackwar
           const float xf = xr[k];
           const float mean = c.cx * xf + c.cv * vr[k];
           // Gradient with respect to the mean; the guidance shift is a constant.
-          float g = 0.0f;
-          if (g_mean) g += gmr[k];
-          if (g_sample) g += gsr[k];
+          float grad_of_mean = 0.0f;
+          if (g_mean) grad_of_mean += gmr[k];
+          if (g_sample) grad_of_mean += gsr[k];
           if (xp) {
             const float mean_lp = guide ? mean + cg * gdr[k] : mean;
-            g += w_lp * (pr[k] - mean_lp);
+            grad_of_mean += w_lp * (pr[k] - mean_lp);
           }
           // d kl / d mean. The reference mean shares cx * x, so the KL adds nothing to grad_x.
-          float g_kl = 0.0f;
-          if (ref_v) g_kl = w_kl * (mean - (c.cx * xf + c.cv * rr[k]));
-          if (grad_v) S::store(grad_v, t, c.cv * (g + g_kl));
-          if (grad_x) S::store(grad_x, t, c.cx * g);
-          if (grad_ref_v) S::store(grad_ref_v, t, -c.cv * g_kl);
+          float grad_of_kl = 0.0f;
+          if (ref_v) grad_of_kl = w_kl * (mean - (c.cx * xf + c.cv * rr[k]));
+          if (grad_v) S::store(grad_v, t, c.cv * (grad_of_mean + grad_of_kl));
+          if (grad_x) S::store(grad_x, t, c.cx * grad_of_mean);
+          if (grad_ref_v) S::store(grad_ref_v, t, -c.cv * grad_of_kl);
         }
       }
     }

@@ -12,7 +12,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-# Codes shared with python/flowsteer/ops/_launch.py and csrc/include/flowsteer/sde_math.h.
+# Codes shared with python/flowsteer/ops/codes.py and csrc/include/flowsteer/sde_math.h.
 KIND_ODE = tl.constexpr(0)
 KIND_FLOW = tl.constexpr(1)
 KIND_DANCE = tl.constexpr(2)
@@ -173,7 +173,7 @@ def round_to_storage(f, DTYPE: tl.constexpr):
 
 @triton.jit
 def step_coef(sigma, sigma_next, noise_level, sigma_max, sin_half_pi_a, KIND: tl.constexpr):
-    """(cx, cv, std, g) of one sample, mean = cx x + cv v (sde_math.h step_coef).
+    """(cx, cv, std, std_coef) of one sample, mean = cx x + cv v (sde_math.h step_coef).
 
     sin_half_pi_a is sinf(noise_level * pi/2), used by cps only (see cps_sin).
     """
@@ -181,26 +181,26 @@ def step_coef(sigma, sigma_next, noise_level, sigma_max, sin_half_pi_a, KIND: tl
     if KIND == KIND_FLOW or KIND == KIND_DANCE:
         if KIND == KIND_FLOW:
             sigma_t = tl.where(sigma < 1.0, sigma, sigma_max)
-            g = noise_level * tl.sqrt_rn(tl.div_rn(sigma, 1.0 - sigma_t))
+            std_coef = noise_level * tl.sqrt_rn(tl.div_rn(sigma, 1.0 - sigma_t))
         else:
-            g = noise_level + tl.zeros_like(sigma)
-        k = tl.div_rn(g * g * delta, 2.0 * sigma)
+            std_coef = noise_level + tl.zeros_like(sigma)
+        k = tl.div_rn(std_coef * std_coef * delta, 2.0 * sigma)
         cx = 1.0 - k
         cv = -delta - k * (1.0 - sigma)
-        std = g * tl.sqrt_rn(delta)
+        std = std_coef * tl.sqrt_rn(delta)
     elif KIND == KIND_CPS:
         s = sigma_next * sin_half_pi_a
         direction = tl.sqrt_rn(tl.maximum(sigma_next * sigma_next - s * s, 0.0))
         cx = (1.0 - sigma_next) + direction
         cv = -(1.0 - sigma_next) * sigma + direction * (1.0 - sigma)
         std = s
-        g = s
+        std_coef = s
     else:
         cx = tl.full([], 1.0, tl.float32)
         cv = -delta
         std = tl.zeros_like(sigma)
-        g = tl.zeros_like(sigma)
-    return cx, cv, std, g
+        std_coef = tl.zeros_like(sigma)
+    return cx, cv, std, std_coef
 
 
 @triton.jit
@@ -224,10 +224,44 @@ def logprob_const(std, LP_FORM: tl.constexpr):
 
 
 @triton.jit
-def kl_divisor(std, g, KL_FORM: tl.constexpr):
-    """2 std^2 for the exact KL, 2 g^2 (Flow-GRPO's std_dev_t) otherwise."""
+def kl_divisor(std, std_coef, KL_FORM: tl.constexpr):
+    """2 std^2 for the exact KL, 2 std_coef^2 (Flow-GRPO's std_dev_t) otherwise."""
     if KL_FORM == KL_EXACT:
         d = 2.0 * std * std
     else:
-        d = 2.0 * g * g
+        d = 2.0 * std_coef * std_coef
     return d
+
+
+@triton.jit
+def finalize_log_prob(sum_sq, std, n, LP_FORM: tl.constexpr, REDUCE_MEAN: tl.constexpr):
+    """Mirrors finalize_log_prob in csrc/include/flowsteer/sde_math.h: a sample's log-prob from the
+    fp64 sum of (x' - mean_lp)^2 over its n elements (n fp64)."""
+    scaled = -sum_sq * logprob_scale(std, LP_FORM).to(tl.float64)
+    cst = logprob_const(std, LP_FORM).to(tl.float64)
+    if REDUCE_MEAN:
+        lp = scaled / n + cst
+    else:
+        lp = scaled + cst * n
+    return lp
+
+
+@triton.jit
+def finalize_kl(sum_sq, std, std_coef, n, KL_FORM: tl.constexpr, REDUCE_MEAN: tl.constexpr):
+    """Mirrors finalize_kl in sde_math.h: a sample's KL from the fp64 sum of (mean - ref_mean)^2."""
+    kl = sum_sq / kl_divisor(std, std_coef, KL_FORM).to(tl.float64)
+    if REDUCE_MEAN:
+        kl = kl / n
+    return kl
+
+
+@triton.jit
+def logprob_grad_weight(grad_lp, std, inv_n, LP_FORM: tl.constexpr):
+    """Mirrors logprob_grad_weight in sde_math.h: d log_prob / d mean_i = w (x'_i - mean_lp_i)."""
+    return grad_lp * inv_n * 2.0 * logprob_scale(std, LP_FORM)
+
+
+@triton.jit
+def kl_grad_weight(grad_kl, std, std_coef, inv_n, KL_FORM: tl.constexpr):
+    """Mirrors kl_grad_weight in sde_math.h: d kl / d mean_i = w (mean_i - ref_mean_i)."""
+    return tl.div_rn(grad_kl * inv_n * 2.0, kl_divisor(std, std_coef, KL_FORM))

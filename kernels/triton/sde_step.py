@@ -2,7 +2,7 @@
 
 They compute what csrc/cpu/sde_step.cpp computes, element for element:
 
-    mean   = cx x + cv v                     (cx, cv, std, g from sigma[b], sigma_next[b])
+    mean   = cx x + cv v                     (cx, cv, std, std_coef from sigma[b], sigma_next[b])
     mean_g = mean + guidance_coef[b] G
     x'     = mean_g + std eps                 (sample mode; eps given or Philox(seed, offset))
     log_prob[b] = reduce(-(x' - mean_lp)^2 scale + const),  mean_lp = mean_g if lp_guided else mean
@@ -26,9 +26,10 @@ import triton.language as tl
 from ._common import (
     KIND_ODE,
     cps_sin,
-    kl_divisor,
-    logprob_const,
-    logprob_scale,
+    finalize_kl,
+    finalize_log_prob,
+    kl_grad_weight,
+    logprob_grad_weight,
     philox_normal_tile,
     round_to_storage,
     split_u64,
@@ -64,7 +65,7 @@ def _sde_forward_kernel(
     ROWS: tl.constexpr = BLOCK // 4
     sigma = tl.load(sigma_ptr + b)
     sigma_next = tl.load(sigma_next_ptr + b)
-    cx, cv, std, g = step_coef(sigma, sigma_next, noise_level, sigma_max, sin_half_pi_a, KIND)
+    cx, cv, std, std_coef = step_coef(sigma, sigma_next, noise_level, sigma_max, sin_half_pi_a, KIND)
 
     # Global indices of this tile: Philox rows aligned on multiples of 4 of b * N.
     base = b.to(tl.int64) * N
@@ -130,7 +131,7 @@ def _sde_finalize_kernel(
     b = tl.program_id(0)
     sigma = tl.load(sigma_ptr + b)
     sigma_next = tl.load(sigma_next_ptr + b)
-    cx, cv, std, g = step_coef(sigma, sigma_next, noise_level, sigma_max, sin_half_pi_a, KIND)
+    cx, cv, std, std_coef = step_coef(sigma, sigma_next, noise_level, sigma_max, sin_half_pi_a, KIND)
     if HAS_STD:
         tl.store(out_std_ptr + b, std)
     if HAS_LP or HAS_KL:
@@ -146,17 +147,10 @@ def _sde_finalize_kernel(
                 kl_acc += tl.load(row + c * 2 + 1, mask=m, other=0.0).to(tl.float64)
         n = tl.cast(N, tl.float64)
         if HAS_LP:
-            lp_sum = -tl.sum(lp_acc, axis=0) * logprob_scale(std, LP_FORM).to(tl.float64)
-            lp_const = logprob_const(std, LP_FORM).to(tl.float64)
-            if REDUCE_MEAN:
-                lp = lp_sum / n + lp_const
-            else:
-                lp = lp_sum + lp_const * n
+            lp = finalize_log_prob(tl.sum(lp_acc, axis=0), std, n, LP_FORM, REDUCE_MEAN)
             tl.store(out_lp_ptr + b, lp.to(tl.float32))
         if HAS_KL:
-            kl = tl.sum(kl_acc, axis=0) / kl_divisor(std, g, KL_FORM).to(tl.float64)
-            if REDUCE_MEAN:
-                kl = kl / n
+            kl = finalize_kl(tl.sum(kl_acc, axis=0), std, std_coef, n, KL_FORM, REDUCE_MEAN)
             tl.store(out_kl_ptr + b, kl.to(tl.float32))
 
 
@@ -178,42 +172,41 @@ def _sde_backward_kernel(
     b = tl.program_id(1)
     sigma = tl.load(sigma_ptr + b)
     sigma_next = tl.load(sigma_next_ptr + b)
-    cx, cv, std, g_std = step_coef(sigma, sigma_next, noise_level, sigma_max, sin_half_pi_a, KIND)
+    cx, cv, std, std_coef = step_coef(sigma, sigma_next, noise_level, sigma_max, sin_half_pi_a, KIND)
 
     n = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
     idx = b.to(tl.int64) * N + n
 
-    g = tl.zeros([BLOCK], tl.float32)
+    grad_of_mean = tl.zeros([BLOCK], tl.float32)
     if HAS_GRAD_MEAN:
-        g += tl.load(grad_mean_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        grad_of_mean += tl.load(grad_mean_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD_SAMPLE:
-        g += tl.load(grad_sample_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        grad_of_mean += tl.load(grad_sample_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD_LP or HAS_GRAD_KL:
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         mean = cx * x + cv * tl.load(v_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD_LP:
-        # d log_prob / d mean = 2 scale (x' - mean) per element, times the reduction weight.
-        w_lp = tl.load(grad_lp_ptr + b) * inv_n * 2.0 * logprob_scale(std, LP_FORM)
+        w_lp = logprob_grad_weight(tl.load(grad_lp_ptr + b), std, inv_n, LP_FORM)
         if GUIDED_LP:
             mean_lp = mean + tl.load(coef_ptr + b) * tl.load(guide_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         else:
             mean_lp = mean
-        g += w_lp * (tl.load(sample_ptr + idx, mask=mask, other=0.0).to(tl.float32) - mean_lp)
+        grad_of_mean += w_lp * (tl.load(sample_ptr + idx, mask=mask, other=0.0).to(tl.float32) - mean_lp)
     if HAS_GRAD_KL:
         # The reference mean shares cx x, so the KL adds nothing to grad_x.
-        w_kl = tl.div_rn(tl.load(grad_kl_ptr + b) * inv_n * 2.0, kl_divisor(std, g_std, KL_FORM))
-        g_kl = w_kl * (mean - (cx * x + cv * tl.load(ref_ptr + idx, mask=mask, other=0.0).to(tl.float32)))
+        w_kl = kl_grad_weight(tl.load(grad_kl_ptr + b), std, std_coef, inv_n, KL_FORM)
+        grad_of_kl = w_kl * (mean - (cx * x + cv * tl.load(ref_ptr + idx, mask=mask, other=0.0).to(tl.float32)))
     else:
-        g_kl = tl.zeros([BLOCK], tl.float32)
+        grad_of_kl = tl.zeros([BLOCK], tl.float32)
     if HAS_GRAD_V:
-        gv, _ = round_to_storage(cv * (g + g_kl), grad_v_ptr.dtype.element_ty)
+        gv, _ = round_to_storage(cv * (grad_of_mean + grad_of_kl), grad_v_ptr.dtype.element_ty)
         tl.store(grad_v_ptr + idx, gv, mask=mask)
     if HAS_GRAD_X:
-        gx, _ = round_to_storage(cx * g, grad_x_ptr.dtype.element_ty)
+        gx, _ = round_to_storage(cx * grad_of_mean, grad_x_ptr.dtype.element_ty)
         tl.store(grad_x_ptr + idx, gx, mask=mask)
     if HAS_GRAD_REF:
-        gr, _ = round_to_storage(-cv * g_kl, grad_ref_ptr.dtype.element_ty)
+        gr, _ = round_to_storage(-cv * grad_of_kl, grad_ref_ptr.dtype.element_ty)
         tl.store(grad_ref_ptr + idx, gr, mask=mask)
 
 
@@ -232,15 +225,17 @@ def _or(t, dummy):
 
 
 def sde_forward(*, v, x, noise, prev_sample, guidance, ref_v, sigma, sigma_next, guidance_coef,
-                out_sample, out_mean, out_log_prob, out_std, out_kl,
-                kind: int, lp_form: int, kl_form: int, reduce_mean: bool, lp_guided: bool,
-                noise_level: float, sigma_max: float, seed: int, offset: int) -> None:
+                out_sample, out_mean, out_log_prob, out_std, out_kl, opts) -> None:
     """Fused SDE step forward.
 
     v, x, noise, prev_sample, guidance, ref_v, out_sample, out_mean: [B, N], one dtype (fp32, bf16
     or fp16), contiguous; sigma, sigma_next, guidance_coef, out_log_prob, out_std, out_kl: fp32 [B].
     None means absent. prev_sample None is sample mode; noise None there draws Philox(seed, offset).
+    opts: the step's options (flowsteer.ops.options.SdeOptions: kind, noise_level, sigma_max, seed,
+    offset, lp_form, kl_form, reduce_mean, lp_guided).
     """
+    kind, lp_form, kl_form, reduce_mean, lp_guided = opts.kind, opts.lp_form, opts.kl_form, opts.reduce_mean, opts.lp_guided
+    noise_level, sigma_max, seed, offset = opts.noise_level, opts.sigma_max, opts.seed, opts.offset
     B, N = v.shape
     if B == 0:
         return
@@ -279,14 +274,14 @@ def sde_forward(*, v, x, noise, prev_sample, guidance, ref_v, sigma, sigma_next,
 
 
 def sde_backward(*, v, x, sample, guidance, ref_v, sigma, sigma_next, guidance_coef,
-                 grad_log_prob, grad_kl, grad_mean, grad_sample, grad_v, grad_x, grad_ref_v,
-                 kind: int, lp_form: int, kl_form: int, reduce_mean: bool, lp_guided: bool,
-                 noise_level: float, sigma_max: float) -> None:
+                 grad_log_prob, grad_kl, grad_mean, grad_sample, grad_v, grad_x, grad_ref_v, opts) -> None:
     """Backward of sde_forward with the sample held fixed: grad_v, grad_x, grad_ref_v [B, N].
 
     grad_mean, grad_sample: [B, N] in v's dtype; grad_log_prob, grad_kl: fp32 [B]. Any may be None;
-    sample is needed with grad_log_prob, ref_v with grad_kl.
+    sample is needed with grad_log_prob, ref_v with grad_kl. opts: as sde_forward's.
     """
+    kind, lp_form, kl_form, reduce_mean, lp_guided = opts.kind, opts.lp_form, opts.kl_form, opts.reduce_mean, opts.lp_guided
+    noise_level, sigma_max = opts.noise_level, opts.sigma_max
     B, N = v.shape
     if B == 0 or (grad_v is None and grad_x is None and grad_ref_v is None):
         return
@@ -294,7 +289,7 @@ def sde_backward(*, v, x, sample, guidance, ref_v, sigma, sigma_next, guidance_c
         raise ValueError("sde_backward: grad_log_prob needs the sample the log-prob was taken at (got sample=None)")
     if grad_kl is not None and ref_v is None:
         raise ValueError("sde_backward: grad_kl needs ref_v (got ref_v=None)")
-    # 1 / float(numel) in fp32, as the CPU code computes it.
+    # reduce_weight of sde_math.h: 1 / float(numel) in fp32, as the C++ code computes it.
     inv_n = float(np.float32(1.0) / np.float32(N)) if reduce_mean else 1.0
     guided_lp = bool(lp_guided) and guidance is not None and grad_log_prob is not None
     _sde_backward_kernel[(triton.cdiv(N, _BWD_BLOCK), B)](

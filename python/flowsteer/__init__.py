@@ -20,9 +20,9 @@ __all__ = ["NoiseKeys", "Rollout", "backend_info", "evaluate", "get_backend", "o
 
 # name -> (module, attribute or None for the module itself)
 _LAZY = {
-    "backend_info": ("._backend", "backend_info"),
-    "get_backend": ("._backend", "get_backend"),
-    "set_backend": ("._backend", "set_backend"),
+    "backend_info": (".ops.backends", "backend_info"),
+    "get_backend": (".ops.backends", "get_backend"),
+    "set_backend": (".ops.backends", "set_backend"),
     "ops": (".ops", None),
     "rewards": (".rewards", None),
     "NoiseKeys": (".sampler", "NoiseKeys"),
@@ -35,7 +35,7 @@ silence_harmless_warnings()
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import ops, rewards
-    from ._backend import backend_info, get_backend, set_backend
+    from .ops.backends import backend_info, get_backend, set_backend
     from .sampler import NoiseKeys, Rollout, evaluate, sample
 
 

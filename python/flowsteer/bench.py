@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import _backend
+from .ops import backends as _backend
 from .ops import philox_normal, reference
 from .sampler import Branch, RandomWindow, SD3Adapter, sample
 from .sampler import evaluate as evaluate_step

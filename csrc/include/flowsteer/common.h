@@ -11,7 +11,7 @@
 
 namespace flowsteer {
 
-// Storage dtypes. The numbering is part of the binding contract with python/flowsteer/ops/_launch.py.
+// Storage dtypes. The numbering is part of the binding contract with python/flowsteer/ops/codes.py.
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 FS_HD float bits_to_float(uint32_t u) {

@@ -1,8 +1,25 @@
 // Argument blocks of the SDE step kernels. Python fills them from checked torch tensors
-// (python/flowsteer/ops/_launch.py); every pointer is either null or points at `batch * numel`
+// (python/flowsteer/ops/backends/cpu.py and cuda.py); every pointer is either null or points at `batch * numel`
 // contiguous elements of `dtype`, except the per-sample float arrays of length `batch`.
 #pragma once
 #include <cstdint>
+
+// The options of one SDE step, listed once: X(type, name, default, lo, hi). The argument structs
+// below declare them as fields, and the bindings accept each as a keyword of the same name and
+// check it against [lo, hi] (hi < lo: any value). Python's flowsteer.ops.options.SdeOptions has
+// the same fields. A new option is a line here, a field there, and the kernels that use it.
+#define FLOWSTEER_SDE_OPTIONS(X)                                                       \
+  X(int, kind, 0, 0, 3)            /* StepKind: ode, flow, dance, cps (sde_math.h) */ \
+  X(float, noise_level, 0.f, 0, 10) /* a: Flow-GRPO's noise_level, DanceGRPO's eta */ \
+  X(float, sigma_max, 0.f, 0, 1)    /* Flow-GRPO's sigma~ at sigma == 1 */            \
+  X(uint64_t, seed, 0, 0, -1)       /* Philox key of drawn noise */                   \
+  X(uint64_t, offset, 0, 0, -1)     /* Philox counter words 2-3 */                    \
+  X(int, lp_form, 0, 0, 1)          /* LogProbForm */                                 \
+  X(int, kl_form, 0, 0, 2)          /* KlForm (0: no KL) */                           \
+  X(bool, reduce_mean, true, 0, 1)  /* mean (else sum) over a sample's elements */    \
+  X(bool, lp_guided, false, 0, 1)   /* log-prob under the guided mean */
+
+#define FLOWSTEER_DECLARE_OPTION(type, name, init, lo, hi) type name = init;
 
 namespace flowsteer {
 
@@ -33,15 +50,7 @@ struct SdeForwardArgs {
   int64_t batch = 0;
   int64_t numel = 0;
   int dtype = 0;
-  int kind = 0;
-  int lp_form = 0;
-  int kl_form = 0;
-  bool reduce_mean = true;
-  bool lp_guided = false;
-  float noise_level = 0.f;
-  float sigma_max = 0.f;
-  uint64_t seed = 0;
-  uint64_t offset = 0;
+  FLOWSTEER_SDE_OPTIONS(FLOWSTEER_DECLARE_OPTION)
 };
 
 struct SdeBackwardArgs {
@@ -65,13 +74,7 @@ struct SdeBackwardArgs {
   int64_t batch = 0;
   int64_t numel = 0;
   int dtype = 0;
-  int kind = 0;
-  int lp_form = 0;
-  int kl_form = 0;
-  bool reduce_mean = true;
-  bool lp_guided = false;
-  float noise_level = 0.f;
-  float sigma_max = 0.f;
+  FLOWSTEER_SDE_OPTIONS(FLOWSTEER_DECLARE_OPTION)
 };
 
 // Segmented per-group z-scores. The CPU code groups `group_ids` itself; the GPU code takes the
@@ -95,10 +98,10 @@ struct GroupAdvantageArgs {
 
 // Pref-GRPO win rates: out[m, i] = mean over j != i of prefs[m, i, j] (NaN counts as 0.5).
 struct WinRateArgs {
-  const float* prefs = nullptr;  // [m, g, g]
-  float* out = nullptr;          // [m, g]
+  const float* prefs = nullptr;  // [m, group_size, group_size]
+  float* out = nullptr;          // [m, group_size]
   int64_t m = 0;
-  int64_t g = 0;
+  int64_t group_size = 0;
 };
 
 // Pareto mask: out[i] = 1 where no sample of i's group dominates it. Segments as in

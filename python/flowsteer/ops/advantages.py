@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import _backend
-from . import _launch, reference
+from . import backends, reference
+from .backends._common import empty, require_nonempty
 from .checks import check_batch, check_choice, check_tensor
 from .codes import STD_MODE
 
@@ -15,8 +15,11 @@ Tensor = torch.Tensor
 
 def _group_zscore_impl(rewards: Tensor, group_ids: Tensor, weights: Tensor, global_std: Tensor, std_mode: int,
                        eps: float, clip: float) -> Tensor:
-    return _launch.group_zscore(_backend.resolve(rewards.device), rewards, group_ids, weights, global_std, std_mode,
-                                eps, clip)
+    """sum_k w_k z_g(r_k), clipped (clip <= 0: no clip). rewards fp32 [N, K], group_ids int64 [N]."""
+    require_nonempty("group_advantages", "rewards", rewards)
+    out = empty(rewards.shape[0], like=rewards, dtype=torch.float32)
+    backends.module(rewards.device).group_zscore(rewards, group_ids, weights, global_std, std_mode, eps, clip, out)
+    return out
 
 
 _group_zscore_op = torch.library.custom_op("flowsteer::group_zscore", _group_zscore_impl, mutates_args=())
@@ -28,7 +31,11 @@ def _(rewards, group_ids, weights, global_std, std_mode, eps, clip):
 
 
 def _win_rate_impl(prefs: Tensor) -> Tensor:
-    return _launch.win_rate(_backend.resolve(prefs.device), prefs)
+    """prefs fp32 [M, G, G] -> fp32 [M, G]."""
+    require_nonempty("win_rate", "prefs", prefs)
+    out = empty(prefs.shape[0], prefs.shape[1], like=prefs, dtype=torch.float32)
+    backends.module(prefs.device).win_rate(prefs, out)
+    return out
 
 
 _win_rate_op = torch.library.custom_op("flowsteer::win_rate", _win_rate_impl, mutates_args=())
@@ -40,7 +47,11 @@ def _(prefs):
 
 
 def _pareto_mask_impl(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    return _launch.pareto_mask(_backend.resolve(rewards.device), rewards, group_ids)
+    """rewards fp32 [N, K], group_ids int64 [N] -> uint8 [N] (1: not dominated within its group)."""
+    require_nonempty("pareto_mask", "rewards", rewards)
+    out = empty(rewards.shape[0], like=rewards, dtype=torch.uint8)
+    backends.module(rewards.device).pareto_mask(rewards, group_ids, out)
+    return out
 
 
 _pareto_mask_op = torch.library.custom_op("flowsteer::pareto_mask", _pareto_mask_impl, mutates_args=())

@@ -6,11 +6,12 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .. import _backend
-from . import _launch
+from . import backends
+from .backends import _common
 from .checks import (SEED_LIMIT, check_batch, check_choice, check_guidance_scale, check_kind_and_noise, check_seed,
                       check_sigmas, check_tensor)
 from .codes import KIND_CODE, KL_FORM, LP_FORM
+from .options import SdeOptions
 
 Tensor = torch.Tensor
 
@@ -31,15 +32,14 @@ def _sde_step_impl(
     options: list[int],
     scalars: list[float],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """options = [kind, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, want_log_prob, want_mean],
-    scalars = [noise_level, sigma_max]. Packed because the dispatcher's per-call cost grows with the
-    number of arguments (quadratically in torch 2.13's fill_defaults)."""
-    kind, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, want_log_prob, want_mean = options
-    noise_level, sigma_max = scalars
-    backend = _backend.resolve(x.device)
-    return _launch.sde_forward(backend, v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v,
-                               kind, noise_level, sigma_max, seed, offset, lp_form, kl_form, bool(reduce_mean),
-                               bool(lp_guided), bool(want_log_prob), bool(want_mean))
+    """options, scalars: SdeOptions.to_op()'s ints and floats, then [want_log_prob, want_mean]
+    after the ints. Flat lists because the dispatcher's per-call cost grows with the number of
+    arguments (quadratically in torch 2.13's fill_defaults)."""
+    opts, (want_log_prob, want_mean) = SdeOptions.from_op(options, scalars)
+    out = _common.forward_outputs(x, prev_sample, ref_v, bool(want_log_prob), bool(want_mean))
+    backends.module(x.device).sde_forward(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v,
+                                          opts, out)
+    return tuple(out)
 
 
 _sde_step_op = torch.library.custom_op("flowsteer::sde_step", _sde_step_impl, mutates_args=())
@@ -47,7 +47,7 @@ _sde_step_op = torch.library.custom_op("flowsteer::sde_step", _sde_step_impl, mu
 
 @_sde_step_op.register_fake
 def _(v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, options, scalars):
-    want_log_prob, want_mean = bool(options[7]), bool(options[8])
+    _, (want_log_prob, want_mean) = SdeOptions.from_op(options, scalars)
     B = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     return (
@@ -75,15 +75,12 @@ def _sde_step_backward_impl(
     options: list[int],
     scalars: list[float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """options = [kind, lp_form, kl_form, reduce_mean, lp_guided, want_grad_v, want_grad_x, want_grad_ref_v],
-    scalars = [noise_level, sigma_max]."""
-    kind, lp_form, kl_form, reduce_mean, lp_guided, want_grad_v, want_grad_x, want_grad_ref_v = options
-    noise_level, sigma_max = scalars
-    backend = _backend.resolve(x.device)
-    return _launch.sde_backward(backend, v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob,
-                                grad_kl, grad_mean, grad_sample, kind, noise_level, sigma_max, lp_form, kl_form,
-                                bool(reduce_mean), bool(lp_guided), bool(want_grad_v), bool(want_grad_x),
-                                bool(want_grad_ref_v))
+    """options, scalars: SdeOptions.to_op()'s, then [want_grad_v, want_grad_x, want_grad_ref_v]."""
+    opts, (want_grad_v, want_grad_x, want_grad_ref_v) = SdeOptions.from_op(options, scalars)
+    out = _common.backward_outputs(v, x, bool(want_grad_v), bool(want_grad_x), bool(want_grad_ref_v))
+    backends.module(x.device).sde_backward(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v,
+                                           grad_log_prob, grad_kl, grad_mean, grad_sample, opts, out)
+    return tuple(out)
 
 
 _sde_step_backward_op = torch.library.custom_op("flowsteer::sde_step_backward", _sde_step_backward_impl,
@@ -93,7 +90,7 @@ _sde_step_backward_op = torch.library.custom_op("flowsteer::sde_step_backward", 
 @_sde_step_backward_op.register_fake
 def _(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl, grad_mean, grad_sample,
       options, scalars):
-    want_grad_v, want_grad_x, want_grad_ref_v = (bool(o) for o in options[5:8])
+    _, (want_grad_v, want_grad_x, want_grad_ref_v) = SdeOptions.from_op(options, scalars)
     return (
         torch.empty_like(v) if want_grad_v else v.new_empty(0),
         torch.empty_like(x) if want_grad_x else x.new_empty(0),
@@ -103,13 +100,12 @@ def _(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_
 
 def _setup_context(ctx, inputs, output):
     v, x, sigma, sigma_next, noise, prev_sample, guidance, guidance_coef, ref_v, options, scalars = inputs
-    kind, seed, offset, lp_form, kl_form, reduce_mean, lp_guided, want_log_prob, want_mean = options
+    opts, (want_log_prob, _) = SdeOptions.from_op(options, scalars)
     sample = output[0] if prev_sample is None else prev_sample
     ctx.sampled = prev_sample is None
     ctx.has_log_prob = bool(want_log_prob)
     ctx.has_kl = ref_v is not None
-    ctx.options = [kind, lp_form, kl_form, reduce_mean, lp_guided]
-    ctx.scalars = list(scalars)
+    ctx.options, ctx.scalars = opts.to_op()
     ctx.save_for_backward(v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v)
     ctx.set_materialize_grads(False)
 
@@ -128,11 +124,12 @@ def _backward(ctx, grad_sample, grad_mean, grad_log_prob, grad_std, grad_kl, bac
     grad_mean = _present(grad_mean)
     if grad_log_prob is None and grad_kl is None and grad_sample is None and grad_mean is None:
         return (None,) * 11
-    gv, gx, gr = (backward_fn or _sde_step_backward_op)(
+    grad_v, grad_x, grad_ref_v = (backward_fn or _sde_step_backward_op)(
         v, x, sample, sigma, sigma_next, guidance, guidance_coef, ref_v, grad_log_prob, grad_kl,
         None if grad_mean is None else grad_mean.to(x.dtype), None if grad_sample is None else grad_sample.to(x.dtype),
         ctx.options + [int(want_v), int(want_x), int(want_ref)], ctx.scalars)
-    return (gv if want_v else None, gx if want_x else None) + (None,) * 6 + (gr if want_ref else None, None, None)
+    return ((grad_v if want_v else None, grad_x if want_x else None) + (None,) * 6
+            + (grad_ref_v if want_ref else None, None, None))
 
 
 _sde_step_op.register_autograd(_backward, setup_context=_setup_context)
@@ -266,9 +263,12 @@ def sde_step(
 
     if prev_sample is None and stochastic and noise is None and seed is None:
         seed = int(torch.randint(0, SEED_LIMIT - 1, (1,), dtype=torch.int64).item())
-    options = [KIND_CODE[kind], int(seed or 0), int(offset), LP_FORM[cps_logprob], KL_FORM[kl] if ref_v is not None else 0,
-               int(reduce == "mean"), int(logprob_mean == "guided"), int(stochastic), int(return_mean)]
-    scalars = [float(noise_level), float(sigma_max) if sigma_max is not None else 0.0]
+    opts = SdeOptions(kind=KIND_CODE[kind], noise_level=float(noise_level),
+                      sigma_max=float(sigma_max) if sigma_max is not None else 0.0, seed=int(seed or 0),
+                      offset=int(offset), lp_form=LP_FORM[cps_logprob], kl_form=KL_FORM[kl] if ref_v is not None else 0,
+                      reduce_mean=reduce == "mean", lp_guided=logprob_mean == "guided")
+    options, scalars = opts.to_op()
+    options += [int(stochastic), int(return_mean)]
     args = (v, x, sig, sig_next, noise if stochastic else None, None if prev_sample is None else prev_sample.detach(),
             guidance, guidance_coef, ref_v)
     differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, x, ref_v))
@@ -363,4 +363,7 @@ def philox_normal(shape, seed: int, offset: int = 0, device: Union[str, torch.de
     shape = tuple(shape) if not isinstance(shape, int) else (shape,)
     device = torch.device(device)
     n = math.prod(shape)
-    return _launch.philox_normal(_backend.resolve(device), n, seed, offset, device).reshape(shape)
+    out = _common.empty(n, like=torch.empty(0, device=device), dtype=torch.float32)
+    if n:
+        backends.module(device).philox_normal(out, seed, offset)
+    return out.reshape(shape)

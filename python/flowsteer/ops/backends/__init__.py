@@ -1,4 +1,9 @@
-"""Backend selection: which implementation runs an op for tensors on a given device.
+"""The backends of the fused ops, and which one runs an op for tensors on a given device.
+
+One module per backend -- torch (the reference), cpu (flowsteer._C's C++ kernels), cuda
+(flowsteer._C's CUDA kernels), triton (flowsteer._triton) -- each implementing the same functions:
+sde_forward, sde_backward, philox_normal, group_zscore, win_rate and pareto_mask, writing into
+outputs the caller allocated (_common). `module(device)` returns the one to call.
 
 `auto` picks the Triton kernels for CUDA tensors (the compiled CUDA kernels when Triton is not
 installed), the compiled C++ kernels for CPU tensors, and the pure-torch reference when nothing else
@@ -12,7 +17,9 @@ import warnings
 from types import ModuleType
 from typing import Optional
 
-import torch
+# Aliased: importing the submodule flowsteer.ops.backends.torch binds the name `torch` in this
+# package's namespace.
+import torch as _torch
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
@@ -39,7 +46,7 @@ def get_backend() -> str:
 
 
 #: the binding interface this Python code calls; csrc/bindings.cpp sets the same `abi_version`
-C_ABI_VERSION = 2
+C_ABI_VERSION = 3
 
 
 def extension() -> Optional[ModuleType]:
@@ -84,13 +91,13 @@ def triton_module(name: str) -> Optional[ModuleType]:
     return _cache[key]
 
 
-def _triton_usable_on(device: torch.device) -> bool:
+def _triton_usable_on(device: _torch.device) -> bool:
     if device.type == "cuda":
         return True
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(device: torch.device) -> str:
+def resolve(device: _torch.device) -> str:
     """The backend that runs an op on tensors of `device`: "cuda", "triton", "cpu" or "torch"."""
     name = get_backend()
     C = extension()
@@ -139,6 +146,18 @@ def resolve(device: torch.device) -> str:
     return "torch"
 
 
+def module(device: _torch.device) -> ModuleType:
+    """The backend module that runs ops on tensors of `device`: the one resolve(device) names."""
+    name = resolve(device)
+    mod = _modules.get(name)
+    if mod is None:
+        mod = _modules[name] = importlib.import_module(f"{__name__}.{name}")
+    return mod
+
+
+_modules: dict = {}
+
+
 def backend_info() -> dict:
     """What was found: the extension and its kernels, Triton, the GPU, and what `auto` picks."""
     C = extension()
@@ -158,20 +177,20 @@ def backend_info() -> dict:
         "cuda_archs": (C.cuda_archs if C is not None else ""),
         "triton": triton_version,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
+        "torch": _torch.__version__,
+        "cuda_available": _torch.cuda.is_available(),
     }
     if C is None and get_backend() == "auto":
         info["fallback"] = f"CPU tensors run on the torch reference: {_cache.get('_C_error')}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            info["cpu_pick"] = resolve(torch.device("cpu"))
+            info["cpu_pick"] = resolve(_torch.device("cpu"))
     except (RuntimeError, ValueError) as exc:
         info["cpu_pick"] = f"unavailable: {exc}"
-    if torch.cuda.is_available():
+    if _torch.cuda.is_available():
         try:
-            info["cuda_pick"] = resolve(torch.device("cuda"))
+            info["cuda_pick"] = resolve(_torch.device("cuda"))
         except (RuntimeError, ValueError) as exc:
             info["cuda_pick"] = f"unavailable: {exc}"
     return info
